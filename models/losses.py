@@ -1,0 +1,67 @@
+"""Losses of the Unbiased Teacher: focal ROI classification and the supervised/unsupervised split."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
+
+# Terms that pseudo-labels supervise; box regression on pseudo-boxes is dropped (the paper's choice:
+# a confident class score says little about box quality).
+UNSUPERVISED_TERMS = ("loss_objectness", "loss_classifier")
+MASK_TERM = "loss_mask"
+
+
+def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float = 1.5) -> Tensor:
+    """Multi-class focal loss: sum((1 - p_t)^gamma * CE) / num_rois, no alpha (gamma 0 == cross-entropy)."""
+    if logits.numel() == 0:
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    p_t = torch.exp(-ce)
+    return ((1.0 - p_t) ** gamma * ce).sum() / labels.numel()
+
+
+class FocalRoIHeads(RoIHeads):
+    """torchvision's RoIHeads with the ROI classifier trained by softmax focal loss.
+
+    Inference is untouched; only the training branch is rewritten, because torchvision computes
+    its cross-entropy inside `forward` with no hook to swap it.
+    """
+
+    def __init__(self, *args, focal_gamma: float = 1.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.focal_gamma = focal_gamma
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        losses = {
+            "loss_classifier": softmax_focal_loss(class_logits, torch.cat(labels), self.focal_gamma),
+            "loss_box_reg": loss_box_reg,
+        }
+        if self.has_mask():
+            losses["loss_mask"] = self._mask_loss(features, proposals, image_shapes, targets, labels, matched_idxs)
+        return [], losses
+
+    def _mask_loss(self, features, proposals, image_shapes, targets, labels, matched_idxs) -> Tensor:
+        positives = [torch.where(lab > 0)[0] for lab in labels]
+        mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
+        pos_matched_idxs = [m[pos] for m, pos in zip(matched_idxs, positives)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        gt_masks = [t["masks"] for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        return maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, pos_matched_idxs)
+
+
+def unsupervised_loss(losses: dict[str, Tensor], use_mask: bool = True) -> Tensor:
+    """Pseudo-label loss: RPN objectness + ROI classification (+ mask); other terms kept at weight 0.
+
+    Multiplying the dropped terms by zero (instead of leaving them out) keeps every parameter in the
+    autograd graph, which DDP requires.
+    """
+    kept = set(UNSUPERVISED_TERMS) | ({MASK_TERM} if use_mask else set())
+    return sum(v if k in kept else v * 0.0 for k, v in losses.items())

@@ -1,0 +1,170 @@
+"""One validated config: a YAML file plus `--set section.key=value` overrides.
+
+Unknown keys and out-of-range values are refused with a message naming the key
+(`pydantic` with `extra="forbid"`). The SSL parameters the product exposes live under `ssl.`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import InputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    arch: Literal["faster_rcnn", "mask_rcnn"] = "faster_rcnn"
+    backbone: Literal["resnet50_fpn", "mobilenet_v3_fpn", "tiny"] = "tiny"
+    weights_path: str | None = None
+    # The weak view's resize happens inside torchvision's detector transform: in training the shortest
+    # edge is drawn from `min_size`, at test time the last entry is used. torchvision's 800 px default
+    # is far too big for CPU work.
+    min_size: list[int] = Field(default_factory=lambda: [288, 320, 352], min_length=1)
+    max_size: int = Field(512, ge=32)
+    roi_loss: Literal["focal", "ce"] = "focal"
+    focal_gamma: float = Field(1.5, ge=0)
+    # One tuple of anchor sizes per feature map; None = the backbone's default.
+    anchor_sizes: list[list[int]] | None = None
+    detections_per_image: int = Field(100, ge=1)
+    # ROIs sampled per image for the ROI head loss (reference 512). ROI-align backward dominates a CPU
+    # step, so small images with few objects train much faster at 128.
+    rois_per_image: int = Field(512, ge=16)
+
+
+class DataConfig(_Section):
+    prepared: str = "data/demo/prepared"
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    eval_images: int | None = Field(None, ge=1, description="score on the first N val images only")
+
+
+class SSLConfig(_Section):
+    burn_in_steps: int = Field(2000, ge=0)
+    unsup_loss_weight: float = Field(4.0, ge=0)
+    score_threshold: float = Field(0.7, gt=0, le=1)
+    ema_keep_rate: float = Field(0.9996, ge=0, lt=1)
+    # The product's spelling: the EMA spans the N most recent iterations, k = 1 - 2/(N+1).
+    ema_span: int | None = Field(None, ge=1)
+    teacher_update_interval: int = Field(1, ge=1)
+    sync_interval: int | None = Field(None, ge=1, description="publish period; default: every refresh")
+    max_staleness: int = Field(16, ge=1)
+    unsup_mask_loss: bool = True
+
+    @model_validator(mode="after")
+    def _span_or_rate(self) -> "SSLConfig":
+        if self.ema_span is not None:
+            if "ema_keep_rate" in self.model_fields_set:
+                raise ValueError("ssl.ema_keep_rate and ssl.ema_span are two spellings of one value: give one")
+            object.__setattr__(self, "ema_keep_rate", 1.0 - 2.0 / (self.ema_span + 1))
+        return self
+
+    @property
+    def publish_interval(self) -> int:
+        return self.sync_interval or self.teacher_update_interval
+
+
+class TrainConfig(_Section):
+    backend: Literal["ray", "local"] = "ray"
+    steps: int = Field(180000, ge=1)
+    batch_size_labeled: int = Field(2, ge=1)
+    batch_size_unlabeled: int = Field(2, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip_norm: float | None = Field(10.0, gt=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    output_dir: str = "runs/demo"
+    eval_period: int = Field(500, ge=1)
+    checkpoint_period: int = Field(500, ge=1)
+    log_period: int = Field(20, ge=1)
+    seed: int = 0
+    target_ap: float | None = Field(None, gt=0, le=100)
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs for a local Ray")
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    num_labelers: int = Field(1, ge=1)
+    cpus_per_labeler: float = Field(0.5, ge=0)
+    gpus_per_labeler: float = Field(0.0, ge=0)
+    labeler_batch_size: int = Field(2, ge=1)
+    weight_check_batches: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=-1)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "ssod"
+    registered_model_name: str | None = "ssod-teacher"
+    log_images: int = Field(8, ge=0)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    ssl: SSLConfig = Field(default_factory=SSLConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, sec in self.model_dump().items() for k, v in sec.items()}
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts.append(f"{key}: {e['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or "." not in key:
+        raise InputError(f"--set {assignment!r}: expected section.key=value")
+    section, _, name = key.strip().partition(".")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        raise InputError(f"--set {assignment!r}: {section} is not a section")
+    node[name] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (if given), apply `section.key=value` overrides, validate everything."""
+    tree: dict = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise InputError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: malformed YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(tree, dict):
+            raise InputError(f"{path}: expected a mapping of sections at the top level")
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise InputError(_format_errors(err, source)) from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    data = cfg.model_dump()
+    if cfg.ssl.ema_span is not None:
+        data["ssl"].pop("ema_keep_rate")
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,49 @@
+"""Score a detector on the prepared validation split with pycocotools."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.ema import unwrap
+from pipeline.data import decode_image_bytes, read_rows, to_float
+from pipeline.errors import InputError
+from pipeline.schema import VAL_DIR, VAL_GT_FILE
+from pipeline.scoring import score_coco, to_coco_results
+
+
+class Evaluator:
+    """Holds the decoded validation images and their COCO ground truth; call it with a model."""
+
+    def __init__(self, prepared: str | Path, label_to_category: dict[int, int], with_masks: bool,
+                 max_images: int | None = None, batch_size: int = 8):
+        gt_path = Path(prepared) / VAL_GT_FILE
+        if not gt_path.exists():
+            raise InputError(f"{gt_path}: no validation set; run `ssod prepare` with --val-annotations")
+        rows = read_rows(Path(prepared) / VAL_DIR, columns=["image_id", "image"])[:max_images]
+        self.image_ids = [r["image_id"] for r in rows]
+        self.images = [decode_image_bytes(r["image"]) for r in rows]
+        self.gt = _restrict(json.loads(gt_path.read_text()), set(self.image_ids))
+        self.label_to_category = label_to_category
+        self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+        self.batch_size = batch_size
+
+    def __call__(self, model: nn.Module, device: torch.device) -> dict:
+        model = unwrap(model)
+        was_training = model.training
+        model.eval()
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(self.images), self.batch_size):
+                batch = [to_float(i).to(device) for i in self.images[start:start + self.batch_size]]
+                outputs += [{k: v.cpu() for k, v in o.items()} for o in model(batch)]
+        model.train(was_training)
+        results = to_coco_results(self.image_ids, outputs, self.label_to_category)
+        return score_coco(self.gt, results, self.iou_types)
+
+
+def _restrict(gt: dict, image_ids: set[int]) -> dict:
+    return {**gt, "images": [i for i in gt["images"] if i["id"] in image_ids],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids]}

@@ -1,0 +1,136 @@
+"""The training run around the step: teacher schedule, logging, evaluation, checkpoints, metrics.json.
+
+Both runners drive a `TrainingRun`: the local one in-process, the Ray one on every train worker
+(rank 0 alone evaluates, checkpoints and writes metrics).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models.pseudo_labels import pseudo_label
+from models.unbiased_teacher import (
+    Batch, StepResult, in_mutual_learning, refresh_teacher, unbiased_teacher_step, without_scores,
+)
+from pipeline.augment import strong_view, to_model_target
+from pipeline.config import Config, dump_config
+from pipeline.evaluation import Evaluator
+from pipeline.session import (
+    PseudoLabelStats, build_optimizer, build_student_teacher, checkpoint_state, labeled_class_histogram,
+    load_categories, load_checkpoint, resolve_device, to_device, write_metrics,
+)
+
+MetricsSink = Callable[[int, dict[str, float]], None]
+
+
+class TrainingRun:
+    def __init__(self, cfg: Config, run_dir: str | Path, *, rank: int = 0, device: torch.device | None = None,
+                 sinks: list[MetricsSink] | None = None):
+        self.cfg, self.run_dir, self.rank = cfg, Path(run_dir), rank
+        self.device = device or resolve_device(cfg.train.device)
+        categories = load_categories(cfg.data.prepared)
+        self.names = {c["label"]: c["name"] for c in categories}
+        self.student, self.teacher = build_student_teacher(cfg, len(categories), self.device)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.student)
+        self.with_masks = cfg.model.arch == "mask_rcnn"
+        self.stats = PseudoLabelStats()
+        self.step, self.skipped_steps, self.history = 0, 0, []
+        self.sinks = sinks or []
+        self.evaluator = None
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+            self.evaluator = Evaluator(cfg.data.prepared, {c["label"]: c["id"] for c in categories},
+                                       self.with_masks, max_images=cfg.data.eval_images)
+        self._started = time.perf_counter()
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return checkpoint_state(self.student, self.teacher, self.optimizer, self.scheduler, self.step,
+                                {"skipped_steps": self.skipped_steps, "stats": self.stats.state(),
+                                 "history": json.dumps(self.history)})
+
+    def restore(self, path: str | Path) -> None:
+        state = load_checkpoint(path)
+        target = getattr(self.student, "module", self.student)
+        target.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        self.stats = PseudoLabelStats.from_state(state["stats"])
+        self.history = json.loads(state["history"])
+
+    # -- the algorithm -------------------------------------------------------------------------
+    def in_mutual_learning(self) -> bool:
+        """Whether the next step uses pseudo-labels."""
+        return in_mutual_learning(self.step + 1, self.cfg.ssl.burn_in_steps)
+
+    def pseudo_label(self, weak_images: list[torch.Tensor], held_aside: list[dict | None]) -> Batch:
+        """Local runner: the in-process teacher labels weak views; the student gets their strong views."""
+        images = [image.as_subclass(torch.Tensor).to(self.device) for image in weak_images]
+        targets = pseudo_label(self.teacher, images, self.cfg.ssl.score_threshold)
+        for target, gt in zip(targets, held_aside):
+            self.stats.add(target, None if gt is None else to_model_target(gt))
+        return Batch([strong_view(i) for i in images], [without_scores(t) for t in targets])
+
+    def train_step(self, labeled: Batch, pseudo_labeled: Batch | None) -> StepResult:
+        ssl, train = self.cfg.ssl, self.cfg.train
+        if pseudo_labeled is not None:
+            pseudo_labeled = to_device(pseudo_labeled, self.device)
+        result = unbiased_teacher_step(self.student, self.optimizer, to_device(labeled, self.device),
+                                       pseudo_labeled, ssl.unsup_loss_weight, ssl.unsup_mask_loss,
+                                       train.grad_clip_norm)
+        self.step += 1
+        self.skipped_steps += int(result.skipped)
+        self.scheduler.step()
+        refresh_teacher(self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval,
+                        ssl.ema_keep_rate)
+        if self.step % train.log_period == 0 or result.skipped:
+            self.log({**result.losses, "total_loss": result.total, "lr": self.scheduler.get_last_lr()[0],
+                      "skipped_steps": self.skipped_steps})
+        return result
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def log(self, metrics: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink(self.step, metrics)
+
+    def should_evaluate(self) -> bool:
+        return self.step % self.cfg.train.eval_period == 0 or self.step == self.cfg.train.steps
+
+    def evaluate(self) -> dict[str, Any]:
+        """Teacher and student AP (rank 0). Returns the entry appended to the history."""
+        entry = {"step": self.step, "teacher": self.evaluator(self.teacher, self.device),
+                 "student": self.evaluator(self.student, self.device)}
+        self.history.append(entry)
+        flat = {f"{who}/{iou}/{k}": v for who in ("teacher", "student") for iou, d in entry[who].items()
+                for k, v in d.items() if k != "per_class" and v is not None}
+        self.log(flat)
+        return entry
+
+    def target_reached(self) -> bool:
+        target = self.cfg.train.target_ap
+        return bool(target and self.history and (self.history[-1]["teacher"]["bbox"]["AP"] or 0) >= target)
+
+    def metrics(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {"teacher": {}, "student": {}}
+        return {
+            "teacher": last["teacher"], "student": last["student"], "steps": self.step,
+            "skipped_steps": self.skipped_steps, **self.stats.summary(self.names),
+            "labeled_class_histogram": labeled_class_histogram(self.cfg.data.prepared, self.names),
+            "history": [{"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"],
+                         "student_AP": h["student"]["bbox"]["AP"]} for h in self.history],
+            "seconds": time.perf_counter() - self._started,
+        }
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        if not self.history or self.history[-1]["step"] != self.step:
+            self.evaluate()
+        metrics = {**self.metrics(), **(extra or {})}
+        write_metrics(self.run_dir, metrics)
+        return metrics

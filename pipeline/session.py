@@ -1,0 +1,172 @@
+"""What both runners (local and Ray) share: models, optimizer, views, statistics, checkpoints, metrics."""
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from models.builders import build_detector
+from models.ema import unwrap
+from models.unbiased_teacher import Batch
+from pipeline.augment import strong_view, to_model_target
+from pipeline.config import Config
+from pipeline.errors import InputError
+from pipeline.schema import CATEGORIES_FILE, LABELED_DIR
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"train.device={name}: CUDA is not available on this machine")
+    if name == "cpu":
+        torch.set_flush_denormal(True)  # denormals made single CPU steps 10-30x slower (DESIGN field notes)
+    return torch.device(name)
+
+
+def load_categories(prepared: str | Path) -> list[dict]:
+    path = Path(prepared) / CATEGORIES_FILE
+    if not path.exists():
+        raise InputError(f"{path}: not found; data.prepared must be an `ssod prepare` output directory")
+    return json.loads(path.read_text())
+
+
+def build_student_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(cfg.train.seed)
+    student = build_detector(num_classes, **cfg.model.model_dump()).to(device)
+    teacher = copy.deepcopy(student).eval()
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def build_optimizer(cfg: Config, student: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with linear warm-up, as Detectron2 and torchvision's detection references do."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    warmup = max(cfg.train.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
+    return optimizer, scheduler
+
+
+def labeled_batch(samples: list[tuple[Tensor, dict]]) -> Batch:
+    """Labeled images in both views (weak and strong), as the reference implementation trains them."""
+    weak = [image.as_subclass(Tensor) for image, _ in samples]
+    targets = [to_model_target(t) for _, t in samples]
+    images = weak + [strong_view(image) for image in weak]
+    return Batch(images, targets + targets)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return Batch(
+        [i.to(device, non_blocking=True) for i in batch.images],
+        [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch.targets],
+    )
+
+
+@dataclass
+class PseudoLabelStats:
+    """Pseudo-label counts per class, and their precision/recall against held-aside labels (IoU 0.5)."""
+
+    images: int = 0
+    boxes: int = 0
+    per_class: Counter = field(default_factory=Counter)
+    matched: int = 0
+    gt_boxes: int = 0
+    scored_boxes: int = 0
+    staleness: list[int] = field(default_factory=list)
+
+    def add(self, pseudo: dict[str, Tensor], held_aside: dict[str, Tensor] | None) -> None:
+        self.images += 1
+        self.boxes += len(pseudo["labels"])
+        self.per_class.update(pseudo["labels"].tolist())
+        if held_aside is not None:
+            self.gt_boxes += len(held_aside["labels"])
+            self.scored_boxes += len(pseudo["labels"])
+            self.matched += _true_positives(pseudo, held_aside)
+
+    def summary(self, names: dict[int, str]) -> dict[str, Any]:
+        out = {
+            "pseudo_labels_per_image": self.boxes / max(self.images, 1),
+            "pseudo_labeled_images": self.images,
+            "pseudo_label_class_counts": {names[k]: self.per_class.get(k, 0) for k in sorted(names)},
+            "pseudo_label_precision": self.matched / self.scored_boxes if self.scored_boxes else None,
+            "pseudo_label_recall": self.matched / self.gt_boxes if self.gt_boxes else None,
+        }
+        if self.staleness:
+            out["staleness_max"] = max(self.staleness)
+            out["staleness_mean"] = sum(self.staleness) / len(self.staleness)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"images": self.images, "boxes": self.boxes, "per_class": dict(self.per_class),
+                "matched": self.matched, "gt_boxes": self.gt_boxes, "scored_boxes": self.scored_boxes,
+                "staleness": list(self.staleness)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "PseudoLabelStats":
+        return cls(**{**state, "per_class": Counter({int(k): v for k, v in state["per_class"].items()})})
+
+
+def _true_positives(pseudo: dict[str, Tensor], gt: dict[str, Tensor]) -> int:
+    """Greedy one-to-one matching by score at IoU >= 0.5 with the same class."""
+    if len(pseudo["boxes"]) == 0 or len(gt["boxes"]) == 0:
+        return 0
+    iou = box_iou(pseudo["boxes"].cpu(), gt["boxes"].cpu())
+    iou[pseudo["labels"].cpu()[:, None] != gt["labels"].cpu()[None, :]] = 0.0
+    used, hits = set(), 0
+    for row in iou:
+        candidates = [(v, j) for j, v in enumerate(row.tolist()) if v >= 0.5 and j not in used]
+        if candidates:
+            used.add(max(candidates)[1])
+            hits += 1
+    return hits
+
+
+def labeled_class_histogram(prepared: str | Path, names: dict[int, str]) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    counts: Counter = Counter()
+    for f in sorted((Path(prepared) / LABELED_DIR).glob("*.parquet")):
+        for labels in pq.read_table(f, columns=["labels"]).column("labels").to_pylist():
+            counts.update(labels)
+    return {names[k]: counts.get(k, 0) for k in sorted(names)}
+
+
+def checkpoint_state(student: nn.Module, teacher: nn.Module, optimizer, scheduler, step: int,
+                     extra: dict[str, Any]) -> dict[str, Any]:
+    return {"student": unwrap(student).state_dict(), "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, **extra}
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
+    path = Path(directory) / CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: checkpoint not found") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+
+
+def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    path = Path(run_dir) / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2))
+    return path

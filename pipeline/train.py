@@ -1,0 +1,41 @@
+"""The one public "train with this config" entry (used by the CLI and by Ray Tune) and checkpoint scoring."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.evaluation import Evaluator
+from pipeline.session import build_student_teacher, load_categories, load_checkpoint, resolve_device
+
+
+def train(cfg: Config) -> Path:
+    """Run burn-in + mutual learning with the configured backend; returns the run directory."""
+    if cfg.train.backend == "local":
+        from pipeline.local import train_local
+
+        metrics = train_local(cfg)
+    else:
+        from pipeline.ray_train import train_ray
+
+        metrics = train_ray(cfg)
+    _print_summary(metrics)
+    return Path(cfg.train.output_dir).resolve()
+
+
+def _print_summary(metrics: dict[str, Any]) -> None:
+    for who in ("teacher", "student"):
+        for iou, scores in metrics.get(who, {}).items():
+            print(f"{who:8s} {iou:5s} AP {scores['AP']:.2f}  AP50 {scores['AP50']:.2f}  AP75 {scores['AP75']:.2f}")
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, which: str = "teacher") -> dict[str, Any]:
+    """Score the saved teacher (or student) of a checkpoint on the validation set."""
+    state = load_checkpoint(checkpoint)
+    device = resolve_device(cfg.train.device)
+    categories = load_categories(cfg.data.prepared)
+    model, _ = build_student_teacher(cfg, len(categories), device)
+    model.load_state_dict(state[which])
+    evaluator = Evaluator(cfg.data.prepared, {c["label"]: c["id"] for c in categories},
+                          cfg.model.arch == "mask_rcnn", max_images=cfg.data.eval_images)
+    return evaluator(model, device)
