@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from models.builders import build_detector
+from models.builders import WeightsFileError, build_detector
 from models.ema import unwrap
 from models.unbiased_teacher import Batch
 from pipeline.augment import strong_view, to_model_target
@@ -42,7 +42,10 @@ def load_categories(prepared: str | Path) -> list[dict]:
 
 def build_student_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(cfg.train.seed)
-    student = build_detector(num_classes, **cfg.model.model_dump()).to(device)
+    try:
+        student = build_detector(num_classes, **cfg.model.model_dump()).to(device)
+    except WeightsFileError as exc:
+        raise InputError(f"model.weights_path: {exc}") from None
     teacher = copy.deepcopy(student).eval()
     teacher.requires_grad_(False)
     return student, teacher
