@@ -12,11 +12,12 @@ from torchvision.transforms import v2
 
 
 def weak_transform(flip_prob: float = 0.5) -> v2.Transform:
-    return v2.Compose([v2.RandomHorizontalFlip(flip_prob), v2.ToDtype(torch.float32, scale=True)])
+    """On uint8 images and tv_tensors targets; models take `to_float` of the result."""
+    return v2.RandomHorizontalFlip(flip_prob)
 
 
 def strong_transform() -> v2.Transform:
-    """Unbiased Teacher's strong augmentation; works on a float image in [0, 1] (CHW)."""
+    """Unbiased Teacher's strong augmentation, on a uint8 (or [0, 1] float) CHW image."""
     return v2.Compose(
         [
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -32,6 +33,11 @@ def strong_transform() -> v2.Transform:
 def strong_view(weak_image: Tensor, transform: v2.Transform | None = None) -> Tensor:
     """Photometric/erasing on the image only: geometry is untouched, so targets need no transform."""
     return (transform or strong_transform())(torch.as_tensor(weak_image).as_subclass(Tensor))
+
+
+def to_float(image: Tensor) -> Tensor:
+    """uint8 image -> float in [0, 1], the detectors' input."""
+    return v2.functional.to_dtype(image.as_subclass(Tensor), torch.float32, scale=True)
 
 
 def to_model_target(target: dict) -> dict[str, Tensor]:

@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from pycocotools import mask as mask_utils
-from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
@@ -61,7 +60,3 @@ def infinite_indices(n: int, seed: int) -> Iterator[int]:
     generator = torch.Generator().manual_seed(seed)
     while True:
         yield from torch.randperm(n, generator=generator).tolist()
-
-
-def to_float(image: Tensor) -> Tensor:
-    return image.as_subclass(Tensor).float() / 255.0

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from models.ema import unwrap
-from pipeline.data import decode_image_bytes, read_rows, to_float
+from pipeline.augment import to_float
+from pipeline.data import decode_image_bytes, read_rows
 from pipeline.errors import InputError
 from pipeline.schema import VAL_DIR, VAL_GT_FILE
 from pipeline.scoring import score_coco, to_coco_results

@@ -16,7 +16,7 @@ from models.pseudo_labels import pseudo_label
 from models.unbiased_teacher import (
     Batch, StepResult, in_mutual_learning, refresh_teacher, unbiased_teacher_step, without_scores,
 )
-from pipeline.augment import strong_view, to_model_target
+from pipeline.augment import strong_view, to_float, to_model_target
 from pipeline.config import Config, dump_config
 from pipeline.evaluation import Evaluator
 from pipeline.session import (
@@ -46,7 +46,7 @@ class TrainingRun:
             dump_config(cfg, self.run_dir / "config.yaml")
             self.evaluator = Evaluator(cfg.data.prepared, {c["label"]: c["id"] for c in categories},
                                        self.with_masks, max_images=cfg.data.eval_images)
-        self._started = time.perf_counter()
+        self._started, self._first_step = time.perf_counter(), 0
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -64,6 +64,7 @@ class TrainingRun:
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
         self.history = json.loads(state["history"])
+        self._first_step = self.step
 
     # -- the algorithm -------------------------------------------------------------------------
     def in_mutual_learning(self) -> bool:
@@ -72,7 +73,7 @@ class TrainingRun:
 
     def pseudo_label(self, weak_images: list[torch.Tensor], held_aside: list[dict | None]) -> Batch:
         """Local runner: the in-process teacher labels weak views; the student gets their strong views."""
-        images = [image.as_subclass(torch.Tensor).to(self.device) for image in weak_images]
+        images = [to_float(image).to(self.device) for image in weak_images]
         targets = pseudo_label(self.teacher, images, self.cfg.ssl.score_threshold)
         for target, gt in zip(targets, held_aside):
             self.stats.add(target, None if gt is None else to_model_target(gt))
@@ -125,7 +126,8 @@ class TrainingRun:
             "labeled_class_histogram": labeled_class_histogram(self.cfg.data.prepared, self.names),
             "history": [{"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"],
                          "student_AP": h["student"]["bbox"]["AP"]} for h in self.history],
-            "seconds": time.perf_counter() - self._started,
+            "seconds": (seconds := time.perf_counter() - self._started),
+            "train_steps_per_s": (self.step - self._first_step) / seconds,
         }
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:

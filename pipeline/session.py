@@ -15,7 +15,7 @@ from torchvision.ops import box_iou
 from models.builders import WeightsFileError, build_detector
 from models.ema import unwrap
 from models.unbiased_teacher import Batch
-from pipeline.augment import strong_view, to_model_target
+from pipeline.augment import strong_view, to_float, to_model_target
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.schema import CATEGORIES_FILE, LABELED_DIR
@@ -63,7 +63,7 @@ def build_optimizer(cfg: Config, student: nn.Module) -> tuple[torch.optim.Optimi
 
 def labeled_batch(samples: list[tuple[Tensor, dict]]) -> Batch:
     """Labeled images in both views (weak and strong), as the reference implementation trains them."""
-    weak = [image.as_subclass(Tensor) for image, _ in samples]
+    weak = [to_float(image) for image, _ in samples]
     targets = [to_model_target(t) for _, t in samples]
     images = weak + [strong_view(image) for image in weak]
     return Batch(images, targets + targets)

@@ -139,7 +139,7 @@ def test_weak_view_flips_boxes_and_masks_with_the_image():
     target = make_target(torch.tensor([[1.0, 2, 4, 6]]), torch.tensor([1]), (20, 30), masks)
     flipped, out = weak_transform(flip_prob=1.0)(image, target)
     assert out["boxes"].tolist() == [[26.0, 2.0, 29.0, 6.0]]
-    assert flipped.dtype == torch.float32 and flipped[0, 2:6, 26:29].min() == 1.0
+    assert flipped.dtype == torch.uint8 and flipped[0, 2:6, 26:29].min() == 255
     assert out["masks"][0, 2:6, 26:29].all() and out["masks"].sum() == 12
     strong = strong_view(flipped)
     assert strong.shape == flipped.shape and to_model_target(out)["boxes"].shape == (1, 4)

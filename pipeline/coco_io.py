@@ -1,0 +1,300 @@
+"""COCO input: JSON loading with one-line errors, structure checks, box cleaning, image checks.
+
+Everything here is pure or works on one file at a time; `pipeline.prepare` drives it. Problems that
+can be fixed or skipped are counted in a `Report`; the rest raise `InputError`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import struct
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import InputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Formats whose bytes are stored as read (when 8-bit RGB); anything else is re-encoded as PNG.
+KEPT_FORMATS = ("JPEG", "PNG")
+EXAMPLES_PER_PROBLEM = 5
+# What PIL's decoders raise on broken input (truncation, bad CRC, unknown format, bombs, ...).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+@dataclass
+class Report:
+    """Counts of skipped/fixed problems and the first few file names for each."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, problem: str, example: str, n: int = 1) -> None:
+        self.counts[problem] += n
+        names = self.examples.setdefault(problem, [])
+        if len(names) < EXAMPLES_PER_PROBLEM and example not in names:
+            names.append(example)
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """Outcome of decoding one image file: status is "ok", "missing" or "corrupt"."""
+
+    status: str
+    width: int = 0
+    height: int = 0
+    convert: bool = False
+
+
+@dataclass
+class ImageRecord:
+    """One kept image with its real size and cleaned COCO annotations (bbox xywh, clipped)."""
+
+    image_id: int
+    file_name: str
+    path: Path
+    width: int
+    height: int
+    convert: bool
+    from_coco: bool = True  # the row's `annotated` column: False for extra raw images
+    entry: dict = field(default_factory=dict)  # the COCO image entry, with the real width/height
+    annotations: list[dict] = field(default_factory=list)  # crowd ones included, for evaluation
+
+    @property
+    def has_boxes(self) -> bool:
+        """At least one trainable (non-crowd) annotation survived cleaning."""
+        return any(not a.get("iscrowd") for a in self.annotations)
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing or malformed file is an InputError naming it (with line/col)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read: {e}") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def load_coco(path: str | Path) -> dict:
+    """Load a COCO annotations file and check the structure every later step relies on."""
+    coco = read_json(path)
+    if not isinstance(coco, dict):
+        raise InputError(f"{path}: not a COCO annotations file (top level is not an object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise InputError(f"{path}: not a COCO annotations file (missing or non-list '{key}')")
+    _check_entries(path, "images", coco["images"], ("id", "file_name"))
+    _check_entries(path, "annotations", coco["annotations"], ("id", "image_id"))
+    _check_entries(path, "categories", coco["categories"], ("id",))
+    _check_unique(path, "image", [img["id"] for img in coco["images"]])
+    _check_unique(path, "category", [cat["id"] for cat in coco["categories"]])
+    return coco
+
+
+def _check_entries(path: str | Path, key: str, entries: list, required: tuple[str, ...]) -> None:
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or any(k not in entry for k in required):
+            raise InputError(f"{path}: {key}[{i}] must be an object with keys {', '.join(required)}")
+        if "id" in required and (not isinstance(entry["id"], int) or isinstance(entry["id"], bool)):
+            raise InputError(f"{path}: {key}[{i}] has a non-integer id {entry['id']!r}")
+
+
+def _check_unique(path: str | Path, what: str, ids: list[int]) -> None:
+    seen: set[int] = set()
+    for i in ids:
+        if i in seen:
+            raise InputError(f"{path}: duplicate {what} id {i}")
+        seen.add(i)
+
+
+def category_table(categories: list[dict]) -> list[dict]:
+    """Categories sorted by COCO id with contiguous model labels 1..K."""
+    ordered = sorted(categories, key=lambda c: c["id"])
+    return [{"id": c["id"], "name": str(c.get("name", c["id"])), "label": k} for k, c in enumerate(ordered, 1)]
+
+
+def clean_box(bbox: Any, width: int, height: int) -> tuple[str, list[float] | None]:
+    """COCO xywh -> ("ok" | "clipped", xyxy inside the image) or ("degenerate" | "outside", None)."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return "degenerate", None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        return "degenerate", None
+    box = [x, y, x + w, y + h]
+    clipped = [max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))]
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        return "outside", None
+    return ("clipped" if clipped != box else "ok"), clipped
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursive), sorted by relative path."""
+    found = [
+        Path(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def inspect_bytes(data: bytes) -> tuple[int, int, bool]:
+    """Fully decode encoded image bytes -> (width, height, needs conversion); raises DECODE_ERRORS."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.verify()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.width, img.height, _needs_conversion(img, data)
+
+
+def _needs_conversion(img: Image.Image, data: bytes) -> bool:
+    sixteen_bit_png = img.format == "PNG" and data[12:16] == b"IHDR" and data[24] == 16
+    return img.format not in KEPT_FORMATS or img.mode != "RGB" or sixteen_bit_png
+
+
+def check_image(path: Path) -> ImageCheck:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ImageCheck("missing")
+    try:
+        width, height, convert = inspect_bytes(data)
+    except DECODE_ERRORS:
+        return ImageCheck("corrupt")
+    return ImageCheck("ok", width, height, convert)
+
+
+def check_images(paths: list[Path]) -> list[ImageCheck]:
+    """check_image over many files; PIL releases the GIL while decoding, so threads scale."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(check_image, paths))
+
+
+def to_rgb_png(data: bytes) -> bytes:
+    """Re-encode any decodable image as an 8-bit RGB PNG (16-bit values are scaled, not clipped)."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = _to_rgb(img)
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I"):
+        scaled = np.asarray(img).astype(np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def encoded_image(path: Path, convert: bool) -> bytes:
+    """The bytes stored in the `image` column: the file as read, or its RGB PNG re-encoding."""
+    data = path.read_bytes()
+    return to_rgb_png(data) if convert else data
+
+
+def build_records(
+    coco: dict, images_dir: Path, checks: dict[Path, ImageCheck], label_of: dict[int, int], report: Report
+) -> list[ImageRecord]:
+    """Kept images (decodable) of one COCO file with their cleaned annotations, in file order."""
+    records: dict[int, ImageRecord] = {}
+    for entry in coco["images"]:
+        name = str(entry["file_name"])
+        check = _kept_check(name, images_dir / name, checks, report)
+        if check is None:
+            continue
+        if (entry.get("width"), entry.get("height")) != (check.width, check.height):
+            report.add("size_mismatch_images", name)
+        clean_entry = {**entry, "width": check.width, "height": check.height}
+        records[entry["id"]] = ImageRecord(
+            entry["id"], name, images_dir / name, check.width, check.height, check.convert, entry=clean_entry
+        )
+    file_images = {entry["id"]: entry for entry in coco["images"]}
+    for ann in _unique_annotation_ids(coco["annotations"], report):
+        _add_annotation(ann, records, file_images, label_of, report)
+    return list(records.values())
+
+
+def extra_records(
+    folder: Path, paths: list[Path], checks: dict[Path, ImageCheck], first_id: int, report: Report
+) -> list[ImageRecord]:
+    """Kept raw images of an unannotated folder, with consecutive ids from `first_id` in path order."""
+    records = []
+    for path in paths:
+        name = path.relative_to(folder).as_posix()
+        check = _kept_check(name, path, checks, report)
+        if check is None:
+            continue
+        image_id = first_id + len(records)
+        entry = {"id": image_id, "file_name": name, "width": check.width, "height": check.height}
+        records.append(ImageRecord(image_id, name, path, check.width, check.height, check.convert, False, entry))
+    return records
+
+
+def _kept_check(name: str, path: Path, checks: dict[Path, ImageCheck], report: Report) -> ImageCheck | None:
+    """The image's check when it can be used (counting conversions), None (counted) when it is skipped."""
+    check = checks[path]
+    if check.status != "ok":
+        report.add(f"{check.status}_images", name)
+        return None
+    if check.convert:
+        report.add("converted_images", name)
+    return check
+
+
+def _unique_annotation_ids(annotations: list[dict], report: Report) -> Iterable[dict]:
+    """Annotations, duplicate ids renumbered above the largest id so that COCO eval sees every one."""
+    next_id = max((a["id"] for a in annotations), default=0) + 1
+    seen: set[int] = set()
+    for ann in annotations:
+        if ann["id"] in seen:
+            report.add("duplicate_annotation_ids", f"annotation {ann['id']}")
+            ann = {**ann, "id": next_id}
+            next_id += 1
+        seen.add(ann["id"])
+        yield ann
+
+
+def _add_annotation(
+    ann: dict, records: dict[int, ImageRecord], file_images: dict, label_of: dict[int, int], report: Report
+) -> None:
+    image_id = ann["image_id"]
+    if not isinstance(image_id, int) or image_id not in file_images:
+        report.add("orphan_annotations", f"annotation {ann['id']}")
+        return
+    record = records.get(image_id)
+    if record is None:  # its image is missing or corrupt, already counted
+        return
+    category = ann.get("category_id")
+    if not isinstance(category, int) or category not in label_of:
+        report.add("unknown_category_annotations", record.file_name)
+        return
+    status, box = clean_box(ann.get("bbox"), record.width, record.height)
+    if box is None:
+        report.add(f"dropped_{status}_boxes", record.file_name)
+        return
+    if status == "clipped":
+        report.add("clipped_boxes", record.file_name)
+    ann = {**ann, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
+    if ann.get("iscrowd"):
+        report.add("crowd_annotations", record.file_name)
+    record.annotations.append(ann)

@@ -1,0 +1,118 @@
+"""Ray Data stages of the two streams: teacher pseudo-labelling (an actor-pool class UDF) and the views.
+
+Rows carry uint8 CHW images and flat box lists; masks travel as COCO RLE strings.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from pycocotools import mask as mask_utils
+
+from models.builders import build_detector
+from models.pseudo_labels import pseudo_label
+from pipeline.augment import strong_view, to_float, weak_transform
+from pipeline.config import Config
+from pipeline.data import decode_row
+from pipeline.weights import NO_VERSION
+
+Batch = dict[str, np.ndarray]
+
+
+def _rows(batch: Batch) -> list[dict[str, Any]]:
+    n = len(batch["image_id"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def encode_masks(masks: torch.Tensor) -> list[str]:
+    rles = mask_utils.encode(np.asfortranarray(masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0)))
+    return [json.dumps({"size": r["size"], "counts": r["counts"].decode()}) for r in rles]
+
+
+def decode_masks(rles: list[str], height: int, width: int) -> torch.Tensor:
+    if len(rles) == 0:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    decoded = [json.loads(r) for r in rles]
+    return torch.as_tensor(mask_utils.decode(decoded).transpose(2, 0, 1).copy())
+
+
+def _flat(boxes: torch.Tensor) -> np.ndarray:
+    return boxes.as_subclass(torch.Tensor).reshape(-1).numpy().astype(np.float32)
+
+
+def labeled_views(batch: Batch, *, with_masks: bool, flip_prob: float) -> Batch:
+    """Labeled rows -> weak and strong uint8 views with their (flipped) boxes, labels and masks."""
+    weak = weak_transform(flip_prob)
+    out: dict[str, list] = {"image_id": [], "weak": [], "strong": [], "boxes": [], "labels": [], "masks": []}
+    for row in _rows(batch):
+        image, target = weak(*decode_row(row, with_masks))
+        out["image_id"].append(row["image_id"])
+        out["weak"].append(image.numpy())
+        out["strong"].append(strong_view(image).numpy())
+        out["boxes"].append(_flat(target["boxes"]))
+        out["labels"].append(target["labels"].numpy())
+        out["masks"].append(encode_masks(target["masks"]) if with_masks else [])
+    return out
+
+
+class TeacherLabeler:
+    """Class UDF for `map_batches(compute=ActorPoolStrategy(...))`: weak view -> teacher -> kept boxes.
+
+    Pulls new teacher weights from the store when its version changed (checked every few batches) and
+    stamps every row with the version that labelled it, so the trainer can measure staleness.
+    """
+
+    def __init__(self, config: dict, num_classes: int, store_name: str, wait_timeout_s: float = 600.0):
+        cfg = Config.model_validate(config)
+        self.ssl, self.with_masks = cfg.ssl, cfg.model.arch == "mask_rcnn"
+        self.check_every = cfg.ray.weight_check_batches
+        self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.ray.gpus_per_labeler else "cpu")
+        model_args = {**cfg.model.model_dump(), "weights_path": None}
+        self.model = build_detector(num_classes, **model_args).to(self.device).eval()
+        self.store = ray.get_actor(store_name)
+        self.version, self.batches, self.wait_timeout_s = NO_VERSION, 0, wait_timeout_s
+        self.weak = weak_transform(cfg.data.flip_prob)
+
+    def _refresh_weights(self) -> None:
+        if self.version != NO_VERSION and self.batches % self.check_every:
+            return
+        deadline = time.monotonic() + self.wait_timeout_s
+        while (version := ray.get(self.store.version.remote())) == NO_VERSION:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no teacher was published to the weight store in {self.wait_timeout_s:.0f} s")
+            time.sleep(0.2)
+        if version != self.version:
+            version, [ref] = ray.get(self.store.latest.remote())
+            self.model.load_state_dict(ray.get(ref))
+            self.version = version
+
+    def __call__(self, batch: Batch) -> Batch:
+        self._refresh_weights()
+        self.batches += 1
+        started = time.perf_counter()
+        samples = [self.weak(*decode_row(row)) for row in _rows(batch)]
+        images = [to_float(image).to(self.device) for image, _ in samples]
+        kept = pseudo_label(self.model, images, self.ssl.score_threshold)
+        seconds = (time.perf_counter() - started) / max(len(samples), 1)
+        return {
+            "image_id": batch["image_id"],
+            "image": [image.numpy() for image, _ in samples],
+            "pl_boxes": [_flat(k["boxes"].cpu()) for k in kept],
+            "pl_labels": [k["labels"].cpu().numpy() for k in kept],
+            "pl_masks": [encode_masks(k["masks"]) if self.with_masks else [] for k in kept],
+            "gt_boxes": [_flat(t["boxes"]) for _, t in samples],
+            "gt_labels": [t["labels"].numpy() for _, t in samples],
+            "annotated": batch["annotated"],
+            "teacher_version": np.full(len(samples), self.version, dtype=np.int64),
+            "label_seconds": np.full(len(samples), seconds, dtype=np.float64),
+        }
+
+
+def add_strong_views(batch: Batch) -> Batch:
+    """The student's input: photometric/erasing on top of the weak view, made on Ray Data's CPUs."""
+    batch["image"] = [strong_view(torch.from_numpy(image)).numpy() for image in batch["image"]]
+    return batch

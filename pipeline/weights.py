@@ -1,0 +1,51 @@
+"""The teacher weight store: a named, per-run actor holding the latest teacher state dict and its version.
+
+Ray Data's pool actors are anonymous, so weights are pulled: rank 0 publishes, labelers poll the version
+and fetch the state when it changed. The store `ray.put`s the state itself, so it owns the object and a
+train-worker restart loses nothing.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+NO_VERSION = -1
+
+
+@ray.remote(num_cpus=0)
+class TeacherWeightStore:
+    def __init__(self) -> None:
+        self._version = NO_VERSION
+        self._state_ref: ray.ObjectRef | None = None
+        self._published_at = 0.0
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        """Store a teacher taken at student step `version`; an older version never replaces a newer one."""
+        if version > self._version:
+            self._state_ref = ray.put(state)
+            self._version, self._published_at = version, time.time()
+        return self._version
+
+    def version(self) -> int:
+        return self._version
+
+    def latest(self) -> tuple[int, list[ray.ObjectRef]]:
+        # The ref travels inside a list so Ray hands over the reference, not the resolved value.
+        return self._version, [self._state_ref]
+
+
+def store_name(run_id: str) -> str:
+    return f"ssod-teacher-weights-{run_id}"
+
+
+def get_or_create_store(name: str) -> ray.actor.ActorHandle:
+    """Owned by the driver: it outlives train-worker restarts and goes away with the run."""
+    return TeacherWeightStore.options(name=name, get_if_exists=True).remote()
+
+
+def publish(store: ray.actor.ActorHandle, version: int, teacher: torch.nn.Module) -> ray.ObjectRef:
+    """Non-blocking: training goes on while the store takes the copy."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
+    return store.publish.remote(version, state)
