@@ -45,6 +45,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", choices=["teacher", "student"], default="teacher")
+
+    p = sub.add_parser("tune", help="Ray Tune search over the SSL parameters (ASHA on teacher AP)")
+    _config_args(p)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--max-concurrent", type=int, default=1)
+    p.add_argument("--output", default="runs/tune", help="search directory (trials, best_config.yaml)")
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the tracking store (127.0.0.1)")
+    _config_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
     return parser
 
 
@@ -87,7 +98,22 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_checkpoint(_load(args), args.checkpoint, args.model), indent=2))
 
 
-COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate}
+def _tune(args: argparse.Namespace) -> None:
+    from tune.driver import run_search
+
+    if args.samples < 1 or args.max_concurrent < 1:
+        raise InputError("--samples and --max-concurrent must be at least 1")
+    args.output, output = None, args.output
+    print(json.dumps(run_search(_load(args), args.samples, args.max_concurrent, output), indent=2))
+
+
+def _ui(args: argparse.Namespace) -> None:
+    from pipeline.tracking import serve_ui, tracking_uri
+
+    sys.exit(serve_ui(tracking_uri(_load(args).tracking.uri), args.host, args.port))
+
+
+COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "ui": _ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,9 @@ class SSLConfig(_Section):
             if "ema_keep_rate" in self.model_fields_set:
                 raise ValueError("ssl.ema_keep_rate and ssl.ema_span are two spellings of one value: give one")
             object.__setattr__(self, "ema_keep_rate", 1.0 - 2.0 / (self.ema_span + 1))
+        if self.max_staleness <= self.publish_interval:
+            raise ValueError(f"ssl.max_staleness ({self.max_staleness}) must exceed the publish interval "
+                             f"({self.publish_interval}): a row ages that much before the next teacher arrives")
         return self
 
     @property
@@ -109,6 +112,43 @@ class TrackingConfig(_Section):
     log_images: int = Field(8, ge=0)
 
 
+class SearchDim(_Section):
+    """One searched parameter: `choice` needs `values`; the others `low` and `high`."""
+
+    type: Literal["choice", "uniform", "loguniform", "randint"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SearchDim":
+        if self.type == "choice" and not self.values:
+            raise ValueError("a choice dimension needs `values`")
+        if self.type != "choice" and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"a {self.type} dimension needs low < high")
+        return self
+
+
+def _default_space() -> dict[str, SearchDim]:
+    return {
+        "ssl.burn_in_steps": SearchDim(type="choice", values=[500, 1000, 2000]),
+        "ssl.unsup_loss_weight": SearchDim(type="uniform", low=1.0, high=4.0),
+        "ssl.score_threshold": SearchDim(type="uniform", low=0.5, high=0.9),
+        "ssl.ema_keep_rate": SearchDim(type="choice", values=[0.99, 0.999, 0.9996]),
+        "ssl.teacher_update_interval": SearchDim(type="choice", values=[1, 2, 4]),
+        "train.lr": SearchDim(type="loguniform", low=0.002, high=0.04),
+    }
+
+
+class TuneSection(_Section):
+    metric: str = "teacher_AP"
+    mode: Literal["max", "min"] = "max"
+    search: Literal["random", "optuna"] = "random"
+    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    space: dict[str, SearchDim] = Field(default_factory=_default_space)
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -116,9 +156,31 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> "Config":
+        for key in self.tune.space:
+            section, _, name = key.partition(".")
+            if section not in ("model", "data", "ssl", "train") or name not in type(getattr(self, section)).model_fields:
+                raise ValueError(f"tune.space: {key!r} is not a config key")
+        return self
 
     def to_flat_dict(self) -> dict[str, Any]:
-        return {f"{s}.{k}": v for s, sec in self.model_dump().items() for k, v in sec.items()}
+        return {f"{s}.{k}": v for s, sec in self.model_dump(exclude={"tune"}).items() for k, v in sec.items()}
+
+    def with_overrides(self, flat: dict[str, Any]) -> "Config":
+        """A validated copy with `section.key` values replaced (a Tune trial's config)."""
+        tree = self.model_dump()
+        if self.ssl.ema_span is not None:  # keep one spelling of the EMA rate
+            if "ssl.ema_keep_rate" in flat:
+                tree["ssl"]["ema_span"] = None
+            else:
+                tree["ssl"].pop("ema_keep_rate")
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            tree[section][name] = value
+        return Config.model_validate(tree)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -21,6 +21,16 @@ from pipeline.data import decode_row
 from pipeline.weights import NO_VERSION
 
 Batch = dict[str, np.ndarray]
+# A labeler waits at most this long for credit, then labels anyway (counted): slow beats deadlocked.
+GATE_TIMEOUT_S = 30.0
+
+
+def credit_window(cfg: Config) -> int:
+    """Rows labelers may run ahead of the trainers: what `max_staleness` steps consume, minus the steps
+    a row can age before the next publish; never less than one batch per labeler."""
+    r, ssl = cfg.ray, cfg.ssl
+    per_step = cfg.train.batch_size_unlabeled * r.num_workers
+    return max(r.labeler_batch_size * r.num_labelers, (ssl.max_staleness - ssl.publish_interval) * per_step)
 
 
 def _rows(batch: Batch) -> list[dict[str, Any]]:
@@ -70,6 +80,7 @@ class TeacherLabeler:
         cfg = Config.model_validate(config)
         self.ssl, self.with_masks = cfg.ssl, cfg.model.arch == "mask_rcnn"
         self.check_every = cfg.ray.weight_check_batches
+        self.window = credit_window(cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.ray.gpus_per_labeler else "cpu")
         model_args = {**cfg.model.model_dump(), "weights_path": None}
         self.model = build_detector(num_classes, **model_args).to(self.device).eval()
@@ -91,6 +102,7 @@ class TeacherLabeler:
             self.version = version
 
     def __call__(self, batch: Batch) -> Batch:
+        ray.get(self.store.acquire.remote(len(batch["image_id"]), self.window, GATE_TIMEOUT_S))
         self._refresh_weights()
         self.batches += 1
         started = time.perf_counter()

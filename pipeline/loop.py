@@ -19,9 +19,11 @@ from models.unbiased_teacher import (
 from pipeline.augment import strong_view, to_float, to_model_target
 from pipeline.config import Config, dump_config
 from pipeline.evaluation import Evaluator
+from pipeline.readers import load_categories
+from pipeline.tracking import Tracker
 from pipeline.session import (
     PseudoLabelStats, build_optimizer, build_student_teacher, checkpoint_state, labeled_class_histogram,
-    load_categories, load_checkpoint, resolve_device, to_device, write_metrics,
+    load_checkpoint, resolve_device, to_device, write_metrics,
 )
 
 MetricsSink = Callable[[int, dict[str, float]], None]
@@ -29,7 +31,7 @@ MetricsSink = Callable[[int, dict[str, float]], None]
 
 class TrainingRun:
     def __init__(self, cfg: Config, run_dir: str | Path, *, rank: int = 0, device: torch.device | None = None,
-                 sinks: list[MetricsSink] | None = None):
+                 sinks: list[MetricsSink] | None = None, parent_run_id: str | None = None):
         self.cfg, self.run_dir, self.rank = cfg, Path(run_dir), rank
         self.device = device or resolve_device(cfg.train.device)
         categories = load_categories(cfg.data.prepared)
@@ -40,12 +42,15 @@ class TrainingRun:
         self.stats = PseudoLabelStats()
         self.step, self.skipped_steps, self.history = 0, 0, []
         self.sinks = sinks or []
-        self.evaluator = None
-        if rank == 0:
+        self.evaluator, self.tracker, self.last_pseudo = None, None, None
+        if rank == 0:  # rank 0 alone evaluates and talks to MLflow
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
             self.evaluator = Evaluator(cfg.data.prepared, {c["label"]: c["id"] for c in categories},
                                        self.with_masks, max_images=cfg.data.eval_images)
+            self.tracker = Tracker(cfg, self.run_dir, run_name=self.run_dir.name, parent_run_id=parent_run_id)
+            self.tracker.start()
+            self.sinks.append(self.tracker)
         self._started, self._first_step = time.perf_counter(), 0
 
     # -- state ---------------------------------------------------------------------------------
@@ -77,6 +82,7 @@ class TrainingRun:
         targets = pseudo_label(self.teacher, images, self.cfg.ssl.score_threshold)
         for target, gt in zip(targets, held_aside):
             self.stats.add(target, None if gt is None else to_model_target(gt))
+        self.last_pseudo = (images, targets)
         return Batch([strong_view(i) for i in images], [without_scores(t) for t in targets])
 
     def train_step(self, labeled: Batch, pseudo_labeled: Batch | None) -> StepResult:
@@ -109,6 +115,8 @@ class TrainingRun:
         entry = {"step": self.step, "teacher": self.evaluator(self.teacher, self.device),
                  "student": self.evaluator(self.student, self.device)}
         self.history.append(entry)
+        if self.last_pseudo is not None:
+            self.tracker.log_pseudo_label_grid(self.step, *self.last_pseudo, self.names)
         flat = {f"{who}/{iou}/{k}": v for who in ("teacher", "student") for iou, d in entry[who].items()
                 for k, v in d.items() if k != "per_class" and v is not None}
         self.log(flat)
@@ -135,4 +143,5 @@ class TrainingRun:
             self.evaluate()
         metrics = {**self.metrics(), **(extra or {})}
         write_metrics(self.run_dir, metrics)
+        self.tracker.finish(metrics, self.teacher)
         return metrics

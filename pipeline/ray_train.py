@@ -29,9 +29,9 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.labeler import TeacherLabeler, add_strong_views, decode_masks, labeled_views
 from pipeline.loop import TrainingRun
-from pipeline.readers import load_split, read_prepared
+from pipeline.readers import load_categories, load_split, read_prepared
 from pipeline.resources import ResourcePlan, plan_resources, start_ray
-from pipeline.session import CHECKPOINT_NAME, load_categories, write_metrics
+from pipeline.session import CHECKPOINT_NAME, write_metrics
 from pipeline.weights import get_or_create_store, publish, store_name
 
 LABELED, UNLABELED = "labeled", "unlabeled"
@@ -74,7 +74,7 @@ def _data_config(plan: ResourcePlan) -> ray.train.DataConfig:
     return ray.train.DataConfig(execution_options=options)
 
 
-def train_ray(cfg: Config, callbacks: list | None = None, extra_loop_config: dict | None = None) -> dict[str, Any]:
+def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Plan resources, start or join Ray, fit the TorchTrainer, write metrics.json on the driver."""
     plan = plan_resources(cfg)
     start_ray(cfg, plan)
@@ -87,7 +87,7 @@ def train_ray(cfg: Config, callbacks: list | None = None, extra_loop_config: dic
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_dir": str(run_dir), "store": store_name(run_id),
-                           **(extra_loop_config or {})},
+                           "parent_run_id": parent_run_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, "GPU": cfg.ray.gpus_per_worker},
@@ -154,6 +154,13 @@ class FreshRows:
                      for row in _batch_rows(b))
         self.max_staleness, self.dropped = max_staleness, 0
         self.taken, self.label_seconds = 0, 0.0  # per-actor labelling time of the rows used
+        self._reported = 0
+
+    def pulled_since_last(self) -> int:
+        """Rows taken or dropped since the last call: the credit handed back to the labelers."""
+        pulled = self.taken + self.dropped
+        delta, self._reported = pulled - self._reported, pulled
+        return delta
 
     def take(self, n: int, step: int) -> list[dict] | None:
         out = []
@@ -195,14 +202,14 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = Config.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, device = ctx.get_world_rank(), ray.train.torch.get_device()
-    run = TrainingRun(cfg, config["run_dir"], rank=rank, device=device, sinks=config.get("sinks", []))
+    run = TrainingRun(cfg, config["run_dir"], rank=rank, device=device, parent_run_id=config.get("parent_run_id"))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             run.restore(Path(directory) / CHECKPOINT_NAME)
     # Two forward passes (labeled, pseudo-labeled) precede one backward: buffers must not be re-broadcast.
     run.student = ray.train.torch.prepare_model(run.student, parallel_strategy_kwargs={"broadcast_buffers": False})
-    store = ray.get_actor(config["store"]) if rank == 0 else None
+    store = ray.get_actor(config["store"])
     labeled = _epochs(ray.train.get_dataset_shard(LABELED), cfg.train.batch_size_labeled)
     fresh = None
     train, ssl = cfg.train, cfg.ssl
@@ -215,15 +222,17 @@ def train_loop_per_worker(config: dict) -> None:
                 _agree(True, device)
                 fresh = FreshRows(ray.train.get_dataset_shard(UNLABELED), cfg.ray.labeler_batch_size, ssl.max_staleness)
             rows = fresh.take(train.batch_size_unlabeled, run.step)
+            store.consumed.remote(fresh.pulled_since_last())
             if not _agree(rows is not None, device):
                 break
             pseudo = _pseudo_batch(run, rows)
+            run.last_pseudo = (pseudo.images, pseudo.targets)
         run.train_step(_labeled_batch(next(labeled), run.with_masks), pseudo)
         if rank == 0 and run.step > ssl.burn_in_steps and (run.step - ssl.burn_in_steps) % ssl.publish_interval == 0:
             publish(store, run.step, run.teacher)
         if _periodic_report(run, fresh, rank):
             break
-    _final_report(run, fresh, rank)
+    _final_report(run, fresh, rank, store)
 
 
 def _extra_metrics(fresh: FreshRows | None) -> dict[str, Any]:
@@ -244,14 +253,14 @@ def _periodic_report(run: TrainingRun, fresh: FreshRows | None, rank: int) -> bo
     return _agree(rank == 0 and run.target_reached(), run.device, op=dist.ReduceOp.MAX) if evaluate else False
 
 
-def _final_report(run: TrainingRun, fresh: FreshRows | None, rank: int) -> None:
-    metrics = run.finish(_extra_metrics(fresh)) if rank == 0 else {}
+def _final_report(run: TrainingRun, fresh: FreshRows | None, rank: int, store) -> None:
+    metrics = run.finish({**_extra_metrics(fresh), **ray.get(store.counters.remote())}) if rank == 0 else {}
     _report(run, rank, {"step": run.step, **_latest_ap(run), "metrics_json": json.dumps(metrics)}, with_checkpoint=True)
 
 
 def _latest_ap(run: TrainingRun) -> dict[str, float]:
-    if not run.history:
-        return {}
+    if not run.history:  # Tune's scheduler expects its metric in every report
+        return {"teacher_AP": 0.0, "student_AP": 0.0}
     last = run.history[-1]
     return {"teacher_AP": last["teacher"]["bbox"]["AP"], "student_AP": last["student"]["bbox"]["AP"]}
 

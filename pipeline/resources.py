@@ -34,6 +34,11 @@ class ResourcePlan:
     def gpus(self) -> float:
         return self.train_gpus + self.labeler_gpus
 
+    def times(self, n: int) -> "ResourcePlan":
+        """The plan for `n` runs side by side (concurrent Tune trials)."""
+        return ResourcePlan(self.train_cpus * n, self.train_gpus * n, self.labeler_cpus * n,
+                            self.labeler_gpus * n, self.data_cpus * n)
+
     @property
     def data_budget_cpus(self) -> float:
         """What Ray Data may use: the labeler pool plus its tasks (Train reserves its own share)."""

@@ -18,7 +18,7 @@ from models.unbiased_teacher import Batch
 from pipeline.augment import strong_view, to_float, to_model_target
 from pipeline.config import Config
 from pipeline.errors import InputError
-from pipeline.schema import CATEGORIES_FILE, LABELED_DIR
+from pipeline.schema import LABELED_DIR
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -31,13 +31,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         torch.set_flush_denormal(True)  # denormals made single CPU steps 10-30x slower (DESIGN field notes)
     return torch.device(name)
-
-
-def load_categories(prepared: str | Path) -> list[dict]:
-    path = Path(prepared) / CATEGORIES_FILE
-    if not path.exists():
-        raise InputError(f"{path}: not found; data.prepared must be an `ssod prepare` output directory")
-    return json.loads(path.read_text())
 
 
 def build_student_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:

@@ -6,7 +6,8 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.evaluation import Evaluator
-from pipeline.session import build_student_teacher, load_categories, load_checkpoint, resolve_device
+from pipeline.readers import load_categories
+from pipeline.session import build_student_teacher, load_checkpoint, resolve_device
 
 
 def train(cfg: Config) -> Path:

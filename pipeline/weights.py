@@ -3,9 +3,14 @@
 Ray Data's pool actors are anonymous, so weights are pulled: rank 0 publishes, labelers poll the version
 and fetch the state when it changed. The store `ray.put`s the state itself, so it owns the object and a
 train-worker restart loses nothing.
+
+It also keeps the labelling credit that bounds staleness: labelers may run at most `window` rows ahead
+of what the trainers consumed. The wait times out (and is counted) instead of blocking forever, so a
+window smaller than what Ray Data keeps in flight slows the stream down but can never deadlock it.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 import ray
@@ -20,6 +25,7 @@ class TeacherWeightStore:
         self._version = NO_VERSION
         self._state_ref: ray.ObjectRef | None = None
         self._published_at = 0.0
+        self._produced = self._consumed = self._gate_timeouts = 0
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> int:
         """Store a teacher taken at student step `version`; an older version never replaces a newer one."""
@@ -30,6 +36,22 @@ class TeacherWeightStore:
 
     def version(self) -> int:
         return self._version
+
+    async def acquire(self, rows: int, window: int, timeout_s: float) -> bool:
+        """A labeler asks to label `rows` more; waits while that would run more than `window` ahead."""
+        deadline = time.monotonic() + timeout_s
+        while self._produced + rows - self._consumed > window and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        granted = self._produced + rows - self._consumed <= window
+        self._gate_timeouts += int(not granted)
+        self._produced += rows
+        return granted
+
+    def consumed(self, rows: int) -> None:
+        self._consumed += rows
+
+    def counters(self) -> dict[str, int]:
+        return {"produced": self._produced, "consumed": self._consumed, "gate_timeouts": self._gate_timeouts}
 
     def latest(self) -> tuple[int, list[ray.ObjectRef]]:
         # The ref travels inside a list so Ray hands over the reference, not the resolved value.

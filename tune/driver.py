@@ -1,0 +1,72 @@
+"""`ssod tune`: Ray Tune over the SSL parameters, one TorchTrainer per trial, ASHA on teacher AP.
+
+Under Ray Train V2 Tune runs a function that builds and fits the trainer (`Tuner(trainer)` is gone);
+`TuneReportCallback` forwards the trainer's reports to Tune. A trial itself holds no CPU, or it would
+block its own train workers; its trainer's resources are what `ray.*` plans.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from pipeline.config import Config, dump_config
+from pipeline.ray_train import train_ray
+from pipeline.resources import plan_resources, start_ray
+from pipeline.tracking import Tracker
+from tune.space import to_tune_space
+
+TRIAL_MEMORY_BYTES = 256 * 1024**2  # Tune refuses an all-zero request; memory keeps the trial schedulable
+
+
+def _trial(trial_config: dict[str, Any]) -> None:
+    base = Config.model_validate(trial_config["base"])
+    overrides = {k: v for k, v in trial_config.items() if k not in ("base", "output", "parent_run_id")}
+    trial_dir = Path(trial_config["output"]) / f"trial_{tune.get_context().get_trial_id()}"
+    cfg = base.with_overrides({**overrides, "train.output_dir": str(trial_dir)})
+    train_ray(cfg, callbacks=[TuneReportCallback()], parent_run_id=trial_config["parent_run_id"])
+
+
+def _search_alg(cfg: Config, max_concurrent: int):
+    if cfg.tune.search != "optuna":
+        return None
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(), max_concurrent=max_concurrent)
+
+
+def run_search(cfg: Config, samples: int, max_concurrent: int, output: str | Path) -> dict[str, Any]:
+    """Run the search; write the best config as a ready-to-train YAML; return a summary."""
+    output = Path(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    start_ray(cfg, plan_resources(cfg).times(max_concurrent))  # concurrent trials must all fit
+    parent = Tracker(cfg, output, run_name=f"search-{output.name}", tags={"ssod.search": "true"})
+    param_space = {**to_tune_space(cfg.tune.space), "base": cfg.model_dump(), "output": str(output),
+                   "parent_run_id": parent.start()}
+    scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps, grace_period=cfg.tune.grace_period,
+                              reduction_factor=cfg.tune.reduction_factor)
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=samples,
+                                    max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                                    search_alg=_search_alg(cfg, max_concurrent)),
+        run_config=tune.RunConfig(name="search", storage_path=str(output / "tune")),
+    )
+    results = tuner.fit()
+    best = results.get_best_result()
+    best_overrides = {k: v for k, v in best.config.items() if k in cfg.tune.space}
+    best_cfg = cfg.with_overrides({**best_overrides, "train.output_dir": str(output / "best_run")})
+    best_path = output / "best_config.yaml"
+    dump_config(best_cfg, best_path)
+    summary = {"trials": len(results), "best": best_overrides, "best_metric": best.metrics.get(cfg.tune.metric),
+               "best_config": str(best_path), "errors": sum(1 for r in results if r.error)}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    parent.log_artifact(best_path)
+    parent.finish({"best_" + cfg.tune.metric: summary["best_metric"], "trials": summary["trials"]}, teacher=None)
+    return summary
