@@ -41,6 +41,7 @@ class TrainingRun:
         self.with_masks = cfg.model.arch == "mask_rcnn"
         self.stats = PseudoLabelStats()
         self.step, self.skipped_steps, self.history = 0, 0, []
+        self.resumed_from_step: int | None = None
         self.sinks = sinks or []
         self.evaluator, self.tracker, self.last_pseudo = None, None, None
         if rank == 0:  # rank 0 alone evaluates and talks to MLflow
@@ -69,7 +70,7 @@ class TrainingRun:
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
         self.history = json.loads(state["history"])
-        self._first_step = self.step
+        self._first_step = self.resumed_from_step = self.step
 
     # -- the algorithm -------------------------------------------------------------------------
     def in_mutual_learning(self) -> bool:
@@ -130,7 +131,8 @@ class TrainingRun:
         last = self.history[-1] if self.history else {"teacher": {}, "student": {}}
         return {
             "teacher": last["teacher"], "student": last["student"], "steps": self.step,
-            "skipped_steps": self.skipped_steps, **self.stats.summary(self.names),
+            "skipped_steps": self.skipped_steps, "resumed_from_step": self.resumed_from_step,
+            **self.stats.summary(self.names),
             "labeled_class_histogram": labeled_class_histogram(self.cfg.data.prepared, self.names),
             "history": [{"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"],
                          "student_AP": h["student"]["bbox"]["AP"]} for h in self.history],

@@ -154,6 +154,7 @@ class FreshRows:
                      for row in _batch_rows(b))
         self.max_staleness, self.dropped = max_staleness, 0
         self.taken, self.label_seconds = 0, 0.0  # per-actor labelling time of the rows used
+        self.versions: set[int] = set()
         self._reported = 0
 
     def pulled_since_last(self) -> int:
@@ -170,6 +171,7 @@ class FreshRows:
                 continue
             out.append(row)
             self.taken += 1
+            self.versions.add(int(row["teacher_version"]))
             self.label_seconds += float(row["label_seconds"])
             if len(out) == n:
                 return out
@@ -253,8 +255,20 @@ def _periodic_report(run: TrainingRun, fresh: FreshRows | None, rank: int) -> bo
     return _agree(rank == 0 and run.target_reached(), run.device, op=dist.ReduceOp.MAX) if evaluate else False
 
 
+def _gather(value: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def _final_report(run: TrainingRun, fresh: FreshRows | None, rank: int, store) -> None:
-    metrics = run.finish({**_extra_metrics(fresh), **ray.get(store.counters.remote())}) if rank == 0 else {}
+    per_worker = _gather({"rows": fresh.taken if fresh else 0, "versions": sorted(fresh.versions) if fresh else []})
+    extra = {**_extra_metrics(fresh), **ray.get(store.counters.remote()),
+             "pseudo_rows_per_worker": [w["rows"] for w in per_worker],
+             "teacher_versions_seen": sorted({v for w in per_worker for v in w["versions"]})}
+    metrics = run.finish(extra) if rank == 0 else {}
     _report(run, rank, {"step": run.step, **_latest_ap(run), "metrics_json": json.dumps(metrics)}, with_checkpoint=True)
 
 

@@ -1,0 +1,78 @@
+"""The local runner end to end: burn-in, mutual learning, metrics.json, checkpoints, evaluate, resume."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, tiny_config
+from pipeline.local import train_local
+from pipeline.train import evaluate_checkpoint
+
+AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"}
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "mask_rcnn"])
+def test_short_local_run_writes_complete_metrics(prepared, tmp_path, arch):
+    cfg = tiny_config(prepared, tmp_path / arch, f"model.arch={arch}", "train.backend=local")
+    metrics = train_local(cfg)
+    written = json.loads((tmp_path / arch / "metrics.json").read_text())
+    assert written["steps"] == metrics["steps"] == 8
+    iou_types = {"bbox", "segm"} if arch == "mask_rcnn" else {"bbox"}
+    for who in ("teacher", "student"):
+        assert set(written[who]) == iou_types
+        for scores in written[who].values():
+            assert AP_KEYS <= set(scores) and 0.0 <= scores["AP"] <= 100.0
+    assert written["skipped_steps"] == 0
+    assert written["pseudo_labeled_images"] == 4 * cfg.train.batch_size_unlabeled  # steps 5..8
+    assert written["pseudo_labels_per_image"] >= 0.0
+    assert set(written["pseudo_label_class_counts"]) == set(written["labeled_class_histogram"])
+    assert sum(written["labeled_class_histogram"].values()) > 0
+    assert (tmp_path / arch / "checkpoint.pt").exists()
+
+
+def test_checkpoint_round_trip_evaluate_and_resume(prepared, tmp_path):
+    cfg = tiny_config(prepared, tmp_path / "run", "train.backend=local", "train.steps=6")
+    first = train_local(cfg)
+    scores = evaluate_checkpoint(cfg, tmp_path / "run" / "checkpoint.pt", "teacher")
+    assert scores["bbox"]["AP"] == pytest.approx(first["teacher"]["bbox"]["AP"])
+    resumed = train_local(cfg.with_overrides({"train.steps": 8}))
+    assert resumed["resumed_from_step"] == 6 and resumed["steps"] == 8
+
+
+def test_unsup_weight_zero_is_the_supervised_baseline(prepared, tmp_path):
+    cfg = tiny_config(prepared, tmp_path / "sup", "train.backend=local", "ssl.unsup_loss_weight=0")
+    assert train_local(cfg)["steps"] == 8
+
+
+def test_cli_train_prints_run_dir_last_and_evaluate_prints_json(prepared, tmp_path):
+    out = tmp_path / "cli"
+    args = [sys.executable, "-m", "pipeline.cli"]
+    common = ["--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"data.prepared={prepared}",
+              "--set", "model.min_size=[128]", "--set", "model.rois_per_image=32", "--set", "data.eval_images=4",
+              "--set", "tracking.enabled=false"]
+    done = subprocess.run(args + ["train", *common, "--set", "train.backend=local", "--set", "train.steps=3",
+                                  "--set", "ssl.burn_in_steps=2", "--output", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(out.resolve())
+    evaluated = subprocess.run(args + ["evaluate", *common, "--checkpoint", str(out / "checkpoint.pt")],
+                               capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "AP50" in json.loads(evaluated.stdout)["bbox"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--set", "ssl.unknown=1"], "ssl.unknown"),
+    (["train", "--set", "ssl.score_threshold=1.5"], "ssl.score_threshold"),
+    (["train", "--set", "model.weights_path=/nonexistent/w.pt", "--set", "train.backend=local"], "w.pt"),
+    (["evaluate", "--checkpoint", "/nonexistent/c.pt"], "c.pt"),
+    (["prepare", "--annotations", "/nonexistent/a.json", "--images", "/tmp", "--percent", "1", "--out", "/tmp/x"], "a.json"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(prepared, argv, message):
+    args = [sys.executable, "-m", "pipeline.cli", *argv]
+    if argv[0] != "prepare":
+        args += ["--set", f"data.prepared={prepared}"]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and message in done.stderr and "Traceback" not in done.stderr
