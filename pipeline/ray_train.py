@@ -8,6 +8,7 @@ dropped and counted, never waited for, so the bound cannot deadlock.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -53,19 +54,46 @@ def build_datasets(cfg: Config, num_classes: int, weights_store: str) -> dict[st
         labeled_views, batch_size=cfg.train.batch_size_labeled, num_cpus=0.25,
         fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
     )
-    # Blocks of one labeler batch: Ray Data backpressures in blocks, so block size is the staleness knob.
-    blocks = math.ceil(pool_size / r.labeler_batch_size)
-    pool = read_prepared(cfg.data.prepared, UNLABELED, override_num_blocks=blocks)
+    with _block_size(_labeler_batch_bytes(cfg, pool_size)):
+        unlabeled = _unlabeled_stream(cfg, num_classes, weights_store, pool_size)
+    return {LABELED: labeled, UNLABELED: unlabeled}
+
+
+@contextlib.contextmanager
+def _block_size(max_bytes: int) -> Iterator[None]:
+    """Datasets built inside get blocks of about `max_bytes` (they copy the context when created).
+
+    Ray Data backpressures in blocks, so block size is the staleness knob: a read block of the whole
+    shard (Parquet V2 ignores `override_num_blocks`) would be labelled in one task whose output only
+    appears at its end, while the credit gate holds the labeler back.
+    """
+    context = DataContext.get_current()
+    previous, context.target_max_block_size = context.target_max_block_size, max_bytes
+    try:
+        yield
+    finally:
+        context.target_max_block_size = previous
+
+
+def _labeler_batch_bytes(cfg: Config, pool_size: int) -> int:
+    """Encoded bytes of one labeler batch, from the shards' size on disk."""
+    files = list((Path(cfg.data.prepared) / UNLABELED).glob("*.parquet"))
+    per_row = sum(f.stat().st_size for f in files) / max(pool_size, 1)
+    return max(int(per_row * cfg.ray.labeler_batch_size), 1024)
+
+
+def _unlabeled_stream(cfg: Config, num_classes: int, weights_store: str, pool_size: int) -> ray.data.Dataset:
+    r = cfg.ray
+    pool = read_prepared(cfg.data.prepared, UNLABELED)
     stream = pool
     for _ in range(_unlabeled_passes(cfg, pool_size) - 1):
         stream = stream.union(pool)
-    unlabeled = stream.map_batches(
+    return stream.map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": num_classes, "store_name": weights_store},
         compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
         batch_size=r.labeler_batch_size, num_cpus=r.cpus_per_labeler, num_gpus=r.gpus_per_labeler,
     ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=0.25)
-    return {LABELED: labeled, UNLABELED: unlabeled}
 
 
 def _data_config(plan: ResourcePlan) -> ray.train.DataConfig:
