@@ -22,15 +22,17 @@ from pipeline.weights import NO_VERSION
 
 Batch = dict[str, np.ndarray]
 # A labeler waits at most this long for credit, then labels anyway (counted): slow beats deadlocked.
-GATE_TIMEOUT_S = 30.0
+GATE_TIMEOUT_S = 10.0
 
 
 def credit_window(cfg: Config) -> int:
-    """Rows labelers may run ahead of the trainers: what `max_staleness` steps consume, minus the steps
-    a row can age before the next publish; never less than one batch per labeler."""
+    """Rows labelers may run ahead of the trainers: what `max_staleness` steps consume, less the steps a
+    row ages before the next publish; never less than what the stages between them hold (a labeler
+    batch in each labeler, strong-view task and trainer prefetch), or the gate would stall the stream."""
     r, ssl = cfg.ray, cfg.ssl
     per_step = cfg.train.batch_size_unlabeled * r.num_workers
-    return max(r.labeler_batch_size * r.num_labelers, (ssl.max_staleness - ssl.publish_interval) * per_step)
+    in_flight = r.labeler_batch_size * (r.num_labelers + 1 + 2 * r.num_workers)
+    return max(in_flight, (ssl.max_staleness - ssl.publish_interval) * per_step)
 
 
 def _rows(batch: Batch) -> list[dict[str, Any]]:
