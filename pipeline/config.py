@@ -39,6 +39,8 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     prepared: str = "data/demo/prepared"
+    # Extra raw images (a folder, local or any pyarrow filesystem URI) streamed into the unlabeled pool.
+    unlabeled_folder: str | None = None
     flip_prob: float = Field(0.5, ge=0, le=1)
     eval_images: int | None = Field(None, ge=1, description="score on the first N val images only")
 

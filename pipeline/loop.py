@@ -20,11 +20,11 @@ from pipeline.augment import strong_view, to_float, to_model_target
 from pipeline.config import Config, dump_config
 from pipeline.evaluation import Evaluator
 from pipeline.readers import load_categories
-from pipeline.tracking import Tracker
 from pipeline.session import (
     PseudoLabelStats, build_optimizer, build_student_teacher, checkpoint_state, labeled_class_histogram,
     load_checkpoint, resolve_device, to_device, write_metrics,
 )
+from pipeline.tracking import Tracker
 
 MetricsSink = Callable[[int, dict[str, float]], None]
 
@@ -100,10 +100,20 @@ class TrainingRun:
                         ssl.ema_keep_rate)
         if self.step % train.log_period == 0 or result.skipped:
             self.log({**result.losses, "total_loss": result.total, "lr": self.scheduler.get_last_lr()[0],
-                      "skipped_steps": self.skipped_steps})
+                      "skipped_steps": self.skipped_steps, **self._pseudo_label_scalars()})
         return result
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    def _pseudo_label_scalars(self) -> dict[str, float]:
+        """Running pseudo-label statistics as plottable scalars (class shares beside the labeled prior)."""
+        summary = self.stats.summary(self.names)
+        scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        total = sum(summary["pseudo_label_class_counts"].values())
+        if total:
+            scalars.update({f"pseudo_share/{name}": n / total for name, n in summary["pseudo_label_class_counts"].items()})
+        scalars["train_steps_per_s"] = (self.step - self._first_step) / (time.perf_counter() - self._started)
+        return scalars
+
     def log(self, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
             sink(self.step, metrics)

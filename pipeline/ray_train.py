@@ -30,7 +30,7 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.labeler import TeacherLabeler, add_strong_views, decode_masks, labeled_views
 from pipeline.loop import TrainingRun
-from pipeline.readers import load_categories, load_split, read_prepared
+from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
 from pipeline.resources import ResourcePlan, plan_resources, start_ray
 from pipeline.session import CHECKPOINT_NAME, write_metrics
 from pipeline.weights import get_or_create_store, publish, store_name
@@ -85,6 +85,9 @@ def _labeler_batch_bytes(cfg: Config, pool_size: int) -> int:
 def _unlabeled_stream(cfg: Config, num_classes: int, weights_store: str, pool_size: int) -> ray.data.Dataset:
     r = cfg.ray
     pool = read_prepared(cfg.data.prepared, UNLABELED)
+    if cfg.data.unlabeled_folder:
+        extra = read_image_folder(cfg.data.unlabeled_folder)
+        pool, pool_size = pool.union(extra), pool_size + extra.count()
     stream = pool
     for _ in range(_unlabeled_passes(cfg, pool_size) - 1):
         stream = stream.union(pool)
@@ -257,6 +260,9 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             pseudo = _pseudo_batch(run, rows)
             run.last_pseudo = (pseudo.images, pseudo.targets)
+            if fresh.label_seconds and run.step % train.log_period == 0:
+                run.log({"labeler_images_per_s": fresh.taken / fresh.label_seconds,
+                         "stale_rows_dropped": fresh.dropped})
         run.train_step(_labeled_batch(next(labeled), run.with_masks), pseudo)
         if rank == 0 and run.step > ssl.burn_in_steps and (run.step - ssl.burn_in_steps) % ssl.publish_interval == 0:
             publish(store, run.step, run.teacher)

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.errors import InputError
 from pipeline.evaluation import Evaluator
 from pipeline.readers import load_categories
 from pipeline.session import build_student_teacher, load_checkpoint, resolve_device
@@ -36,7 +37,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, which: str = "teach
     device = resolve_device(cfg.train.device)
     categories = load_categories(cfg.data.prepared)
     model, _ = build_student_teacher(cfg, len(categories), device)
-    model.load_state_dict(state[which])
+    try:
+        model.load_state_dict(state[which])
+    except (KeyError, RuntimeError) as exc:
+        raise InputError(f"{checkpoint}: its {which} does not fit model.* of this config "
+                         f"({str(exc).splitlines()[0]})") from None
     evaluator = Evaluator(cfg.data.prepared, {c["label"]: c["id"] for c in categories},
                           cfg.model.arch == "mask_rcnn", max_images=cfg.data.eval_images)
     return evaluator(model, device)
