@@ -225,7 +225,7 @@ def _pseudo_batch(run: TrainingRun, rows: list[dict]) -> Batch:
             held_aside = {"boxes": torch.from_numpy(row["gt_boxes"].reshape(-1, 4)),
                           "labels": torch.from_numpy(row["gt_labels"])}
         run.stats.add(target, held_aside)
-        run.stats.staleness.append(run.step - int(row["teacher_version"]))
+        run.stats.add_staleness(run.step - int(row["teacher_version"]))
         images.append(to_float(image))
         targets.append(target)
     return Batch(images, targets)

@@ -79,7 +79,9 @@ class PseudoLabelStats:
     matched: int = 0
     gt_boxes: int = 0
     scored_boxes: int = 0
-    staleness: list[int] = field(default_factory=list)
+    staleness_max: int | None = None
+    staleness_sum: int = 0
+    staleness_rows: int = 0
 
     def add(self, pseudo: dict[str, Tensor], held_aside: dict[str, Tensor] | None) -> None:
         self.images += 1
@@ -90,6 +92,12 @@ class PseudoLabelStats:
             self.scored_boxes += len(pseudo["labels"])
             self.matched += _true_positives(pseudo, held_aside)
 
+    def add_staleness(self, steps: int) -> None:
+        """Student step minus the step of the teacher that labelled the row (running, O(1) memory)."""
+        self.staleness_max = steps if self.staleness_max is None else max(self.staleness_max, steps)
+        self.staleness_sum += steps
+        self.staleness_rows += 1
+
     def summary(self, names: dict[int, str]) -> dict[str, Any]:
         out = {
             "pseudo_labels_per_image": self.boxes / max(self.images, 1),
@@ -98,15 +106,16 @@ class PseudoLabelStats:
             "pseudo_label_precision": self.matched / self.scored_boxes if self.scored_boxes else None,
             "pseudo_label_recall": self.matched / self.gt_boxes if self.gt_boxes else None,
         }
-        if self.staleness:
-            out["staleness_max"] = max(self.staleness)
-            out["staleness_mean"] = sum(self.staleness) / len(self.staleness)
+        if self.staleness_rows:
+            out["staleness_max"] = self.staleness_max
+            out["staleness_mean"] = self.staleness_sum / self.staleness_rows
         return out
 
     def state(self) -> dict[str, Any]:
         return {"images": self.images, "boxes": self.boxes, "per_class": dict(self.per_class),
                 "matched": self.matched, "gt_boxes": self.gt_boxes, "scored_boxes": self.scored_boxes,
-                "staleness": list(self.staleness)}
+                "staleness_max": self.staleness_max, "staleness_sum": self.staleness_sum,
+                "staleness_rows": self.staleness_rows}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "PseudoLabelStats":
