@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-$(DEMO_DATA)/prepared/split.json: $(VENV)/.installed
+$(DEMO_DATA)/coco/val/annotations.json: $(VENV)/.installed
+	rm -rf $(DEMO_DATA)/coco
 	$(PY) -m pipeline.cli synth $(DEMO_DATA)/coco --images 1200 --seed 0 --masks
+
+$(DEMO_DATA)/prepared/split.json: $(DEMO_DATA)/coco/val/annotations.json
 	$(PY) -m pipeline.cli prepare --annotations $(DEMO_DATA)/coco/train/annotations.json \
 	  --images $(DEMO_DATA)/coco/train/images --percent 5 --seed 0 --out $(DEMO_DATA)/prepared \
 	  --val-annotations $(DEMO_DATA)/coco/val/annotations.json --val-images $(DEMO_DATA)/coco/val/images
