@@ -22,7 +22,8 @@ from pipeline.weights import NO_VERSION
 
 Batch = dict[str, np.ndarray]
 # A labeler waits at most this long for credit, then labels anyway (counted): slow beats deadlocked.
-GATE_TIMEOUT_S = 10.0
+# Long enough to outlast a slow student step, or a timed-out gate would let labelers run ahead.
+GATE_TIMEOUT_S = 60.0
 
 
 def credit_window(cfg: Config) -> int:

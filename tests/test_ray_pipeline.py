@@ -9,14 +9,16 @@ from pipeline.ray_train import train_ray
 from pipeline.resources import plan_resources, start_ray
 
 RAY_SETTINGS = ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.num_labelers=2", "ray.cpus_per_labeler=0.25",
-                "ray.labeler_batch_size=2", "ssl.sync_interval=2", "ssl.max_staleness=10", "train.steps=12",
-                "train.eval_period=6", "train.checkpoint_period=6", "train.batch_size_unlabeled=1"]
+                "ray.labeler_batch_size=1", "ssl.sync_interval=2", "ssl.max_staleness=6", "train.steps=14",
+                "train.eval_period=7", "train.checkpoint_period=7", "train.batch_size_unlabeled=1"]
 
 
 def test_two_workers_two_labelers_bounded_staleness_and_resume(ray_cluster, prepared, tmp_path):
+    # Credit window: max(in flight 1 x (2 labelers + 1 + 2 x 2 workers), (6 - 2) x 2 rows) = 8 rows = 4 steps,
+    # so the 10 mutual-learning steps must see teachers published after the first.
     cfg = tiny_config(prepared, tmp_path / "run", *RAY_SETTINGS)
     metrics = train_ray(cfg)
-    assert metrics["steps"] == 12
+    assert metrics["steps"] == 14
     assert len(metrics["teacher_versions_seen"]) > 1, "labelers never reloaded the teacher"
     assert len(metrics["pseudo_rows_per_worker"]) == 2 and min(metrics["pseudo_rows_per_worker"]) > 0
     assert metrics["staleness_max"] <= cfg.ssl.max_staleness
@@ -26,8 +28,8 @@ def test_two_workers_two_labelers_bounded_staleness_and_resume(ray_cluster, prep
     assert written["staleness_max"] == metrics["staleness_max"] and "bbox" in written["teacher"]
     assert list((tmp_path / "run" / "ray").rglob("checkpoint.pt")), "no checkpoint reported"
 
-    resumed = train_ray(cfg.with_overrides({"train.steps": 14}))
-    assert resumed["resumed_from_step"] == 12 and resumed["steps"] == 14
+    resumed = train_ray(cfg.with_overrides({"train.steps": 16}))
+    assert resumed["resumed_from_step"] == 14 and resumed["steps"] == 16
 
 
 def test_an_unschedulable_plan_is_refused_up_front(ray_cluster, prepared, tmp_path):
