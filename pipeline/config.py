@@ -171,6 +171,16 @@ class Config(_Section):
     def to_flat_dict(self) -> dict[str, Any]:
         return {f"{s}.{k}": v for s, sec in self.model_dump(exclude={"tune"}).items() for k, v in sec.items()}
 
+    def with_absolute_paths(self) -> "Config":
+        """Local paths made absolute: Ray workers and Tune trials run in other working directories."""
+        def absolute(value: str | None) -> str | None:
+            return value if value is None or "://" in value else str(Path(value).resolve())
+
+        return self.with_overrides({
+            "data.prepared": absolute(self.data.prepared), "data.unlabeled_folder": absolute(self.data.unlabeled_folder),
+            "model.weights_path": absolute(self.model.weights_path), "train.output_dir": absolute(self.train.output_dir),
+        })
+
     def with_overrides(self, flat: dict[str, Any]) -> "Config":
         """A validated copy with `section.key` values replaced (a Tune trial's config)."""
         tree = self.model_dump()

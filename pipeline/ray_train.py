@@ -107,6 +107,7 @@ def _data_config(plan: ResourcePlan) -> ray.train.DataConfig:
 
 def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Plan resources, start or join Ray, fit the TorchTrainer, write metrics.json on the driver."""
+    cfg = cfg.with_absolute_paths()
     plan = plan_resources(cfg)
     start_ray(cfg, plan)
     run_dir = Path(cfg.train.output_dir).resolve()

@@ -42,7 +42,7 @@ def _search_alg(cfg: Config, max_concurrent: int):
 
 def run_search(cfg: Config, samples: int, max_concurrent: int, output: str | Path) -> dict[str, Any]:
     """Run the search; write the best config as a ready-to-train YAML; return a summary."""
-    output = Path(output).resolve()
+    output, cfg = Path(output).resolve(), cfg.with_absolute_paths()
     output.mkdir(parents=True, exist_ok=True)
     start_ray(cfg, plan_resources(cfg).times(max_concurrent))  # concurrent trials must all fit
     parent = Tracker(cfg, output, run_name=f"search-{output.name}", tags={"ssod.search": "true"})

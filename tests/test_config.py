@@ -1,0 +1,22 @@
+"""Config: validation by key name, overrides, and paths that survive Ray's working-directory changes."""
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import InputError
+
+
+def test_relative_local_paths_become_absolute_but_uris_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.prepared=data/p", "data.unlabeled_folder=s3://bucket/raw", "train.output_dir=runs/x"])
+    resolved = cfg.with_absolute_paths()
+    assert resolved.data.prepared == str(tmp_path / "data" / "p")
+    assert resolved.train.output_dir == str(tmp_path / "runs" / "x")
+    assert resolved.data.unlabeled_folder == "s3://bucket/raw" and resolved.model.weights_path is None
+
+
+def test_ema_span_is_the_products_spelling_and_conflicts_are_refused():
+    assert load_config(None, ["ssl.ema_span=1999"]).ssl.ema_keep_rate == pytest.approx(0.999)
+    with pytest.raises(InputError, match="ema_span"):
+        load_config(None, ["ssl.ema_span=1999", "ssl.ema_keep_rate=0.9"])
+    with pytest.raises(InputError, match="max_staleness"):
+        load_config(None, ["ssl.max_staleness=2", "ssl.sync_interval=4"])
