@@ -1,6 +1,7 @@
 """Quality benchmark: supervised-only vs Unbiased Teacher on the synthetic benchmark, same step budget.
 
     python bench/quality.py --images 2500 --percents 1 5 --seeds 0 1 --steps 800 --burn-in 400
+    python bench/quality.py ... --jobs 8 --set train.device=cuda      # the grid's cells side by side on one GPU
 
 Supervised-only is the same config with `ssl.unsup_loss_weight=0` (burn-in then plain supervised steps).
 Prints a table and writes bench/results/quality.json. Not a test: it takes tens of minutes on a CPU.
@@ -9,8 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import torch
 
 from pipeline.config import load_config
 from pipeline.local import train_local
@@ -18,10 +24,10 @@ from pipeline.prepare import prepare
 from pipeline.synth import generate
 
 
-def _dataset(root: Path, images: int, masks: bool) -> Path:
+def _dataset(root: Path, images: int) -> Path:
     coco = root / "coco"
     if not (coco / "val" / "annotations.json").exists():
-        generate(coco, images, seed=0, masks=masks)
+        generate(coco, images, seed=0, masks=True)  # one data set for both architectures
     return coco
 
 
@@ -52,7 +58,7 @@ def _run(args: argparse.Namespace, prepared: Path, seed: int, method: str, out: 
 
 def _table(rows: list[dict]) -> str:
     lines = [f"{'arch':11s} {'labels':>6s} {'seed':>4s} {'method':16s} {'AP':>6s} {'AP50':>6s} {'maskAP':>6s} {'PL/img':>6s} {'min':>5s}"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["arch"], r["percent"], r["seed"], r["method"])):
         t = r["teacher"]
         mask = t.get("segm", {}).get("AP")
         lines.append(
@@ -61,6 +67,13 @@ def _table(rows: list[dict]) -> str:
             f"{r['pseudo_labels_per_image']:6.2f} {r['seconds'] / 60:5.1f}"
         )
     return "\n".join(lines)
+
+
+def _cell(args: argparse.Namespace, root: Path, coco: Path, percent: float, seed: int, method: str) -> dict:
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))  # cells share the cores
+    run_dir = root / "runs" / f"{args.arch}_p{percent:g}_s{seed}_{method}"
+    return {"arch": args.arch, "percent": percent, "seed": seed, "method": method, "steps": args.steps,
+            "burn_in": args.burn_in, **_run(args, _split(root, coco, percent, seed), seed, method, run_dir)}
 
 
 def main() -> None:
@@ -75,26 +88,29 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=200)
     parser.add_argument("--arch", default="faster_rcnn", choices=["faster_rcnn", "mask_rcnn"])
     parser.add_argument("--methods", nargs="+", default=["supervised", "unbiased_teacher"])
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (processes; e.g. on one GPU)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per cell (default: cores / jobs)")
     parser.add_argument("--out", default="bench/results/quality.json")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
     args = parser.parse_args()
 
     root = Path(args.root)
-    coco = _dataset(root, args.images, masks=args.arch == "mask_rcnn")
+    coco = _dataset(root, args.images)
+    cells = [(p, s, m) for p in args.percents for s in args.seeds for m in args.methods]
+    for percent, seed in dict.fromkeys((p, s) for p, s, _ in cells):
+        _split(root, coco, percent, seed)  # before the cells start: they share the splits
     out_path = Path(args.out)
     rows = json.loads(out_path.read_text()) if out_path.exists() else []
-    for percent in args.percents:
-        for seed in args.seeds:
-            prepared = _split(root, coco, percent, seed)
-            for method in args.methods:
-                run_dir = root / "runs" / f"{args.arch}_p{percent:g}_s{seed}_{method}"
-                row = {"arch": args.arch, "percent": percent, "seed": seed, "method": method,
-                       "steps": args.steps, "burn_in": args.burn_in, **_run(args, prepared, seed, method, run_dir)}
-                rows = [r for r in rows if (r["arch"], r["percent"], r["seed"], r["method"]) != (args.arch, percent, seed, method)]
-                rows.append(row)
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                out_path.write_text(json.dumps(rows, indent=2))
-                print(_table(rows), flush=True)
+    # spawn: a forked child cannot use CUDA once the parent has touched it
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_cell, args, root, coco, *cell) for cell in cells]
+        for future in as_completed(futures):
+            row = future.result()
+            key = (row["arch"], row["percent"], row["seed"], row["method"])
+            rows = [r for r in rows if (r["arch"], r["percent"], r["seed"], r["method"]) != key] + [row]
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(rows, indent=2))
+            print(_table(rows), flush=True)
 
 
 if __name__ == "__main__":

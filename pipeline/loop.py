@@ -24,7 +24,6 @@ from pipeline.session import (
     PseudoLabelStats, build_optimizer, build_student_teacher, checkpoint_state, labeled_class_histogram,
     load_checkpoint, resolve_device, to_device, write_metrics,
 )
-from pipeline.tracking import Tracker
 
 MetricsSink = Callable[[int, dict[str, float]], None]
 
@@ -49,9 +48,12 @@ class TrainingRun:
             dump_config(cfg, self.run_dir / "config.yaml")
             self.evaluator = Evaluator(cfg.data.prepared, {c["label"]: c["id"] for c in categories},
                                        self.with_masks, max_images=cfg.data.eval_images)
-            self.tracker = Tracker(cfg, self.run_dir, run_name=self.run_dir.name, parent_run_id=parent_run_id)
-            self.tracker.start()
-            self.sinks.append(self.tracker)
+            if cfg.tracking.enabled:
+                from pipeline.tracking import Tracker  # MLflow is imported only by tracked runs
+
+                self.tracker = Tracker(cfg, self.run_dir, run_name=self.run_dir.name, parent_run_id=parent_run_id)
+                self.tracker.start()
+                self.sinks.append(self.tracker)
         self._started, self._first_step = time.perf_counter(), 0
 
     # -- state ---------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ class TrainingRun:
         entry = {"step": self.step, "teacher": self.evaluator(self.teacher, self.device),
                  "student": self.evaluator(self.student, self.device)}
         self.history.append(entry)
-        if self.last_pseudo is not None:
+        if self.tracker is not None and self.last_pseudo is not None:
             self.tracker.log_pseudo_label_grid(self.step, *self.last_pseudo, self.names)
         flat = {f"{who}/{iou}/{k}": v for who in ("teacher", "student") for iou, d in entry[who].items()
                 for k, v in d.items() if k != "per_class" and v is not None}
@@ -155,5 +157,6 @@ class TrainingRun:
             self.evaluate()
         metrics = {**self.metrics(), **(extra or {})}
         write_metrics(self.run_dir, metrics)
-        self.tracker.finish(metrics, self.teacher)
+        if self.tracker is not None:
+            self.tracker.finish(metrics, self.teacher)
         return metrics

@@ -115,7 +115,6 @@ def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | N
     run_id = _run_id(run_dir)
     store = get_or_create_store(store_name(run_id))
     num_classes = len(load_categories(cfg.data.prepared))
-    DataContext.get_current().execution_options.resource_limits = ExecutionResources(cpu=plan.data_budget_cpus)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_dir": str(run_dir), "store": store_name(run_id),
