@@ -1,14 +1,13 @@
 """The local runner: burn-in then mutual learning in one process, no Ray. The reference for the Ray run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.augment import weak_transform
 from pipeline.config import Config
 from pipeline.data import decode_row, infinite_indices, read_rows
-from pipeline.loop import TrainingRun
+from pipeline.loop import TrainingRun, print_sink
 from pipeline.schema import LABELED_DIR, UNLABELED_DIR
 from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
 
@@ -26,14 +25,9 @@ class SampleStream:
         return [(row, *self.weak(*decode_row(row, self.with_masks))) for row in rows]
 
 
-def _print_sink(step: int, metrics: dict[str, float]) -> None:
-    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k[4:]}
-    print(json.dumps({"step": step, **shown}), flush=True)
-
-
 def train_local(cfg: Config, sinks: list | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.train.output_dir)
-    run = TrainingRun(cfg, run_dir, sinks=[_print_sink, *(sinks or [])])
+    run = TrainingRun(cfg, run_dir, sinks=[print_sink, *(sinks or [])])
     if (run_dir / CHECKPOINT_NAME).exists():
         run.restore(run_dir / CHECKPOINT_NAME)
     prepared, train = Path(cfg.data.prepared), cfg.train

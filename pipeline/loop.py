@@ -28,6 +28,12 @@ from pipeline.session import (
 MetricsSink = Callable[[int, dict[str, float]], None]
 
 
+def print_sink(step: int, metrics: dict[str, float]) -> None:
+    """One JSON line per log: the scalars, without per-class and per-IoU detail."""
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k[4:]}
+    print(json.dumps({"step": step, **shown}), flush=True)
+
+
 class TrainingRun:
     def __init__(self, cfg: Config, run_dir: str | Path, *, rank: int = 0, device: torch.device | None = None,
                  sinks: list[MetricsSink] | None = None, parent_run_id: str | None = None):

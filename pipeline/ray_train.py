@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,9 +30,9 @@ from pipeline.augment import to_float
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.labeler import TeacherLabeler, add_strong_views, decode_masks, labeled_views
-from pipeline.loop import TrainingRun
+from pipeline.loop import TrainingRun, print_sink
 from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
-from pipeline.resources import ResourcePlan, plan_resources, start_ray
+from pipeline.resources import DATA_TASK_CPUS, READ_TASK_CPUS, VIEW_TASK_CPUS, ResourcePlan, plan_resources, start_ray
 from pipeline.session import CHECKPOINT_NAME, write_metrics
 from pipeline.weights import get_or_create_store, publish, store_name
 
@@ -50,29 +51,37 @@ def build_datasets(cfg: Config, num_classes: int, weights_store: str) -> dict[st
     pool_size = split["num_unlabeled"]
     if split["num_labeled"] < r.num_workers:
         raise InputError(f"{split['num_labeled']} labeled images cannot be split over ray.num_workers={r.num_workers}")
-    labeled = read_prepared(cfg.data.prepared, LABELED).map_batches(
-        labeled_views, batch_size=cfg.train.batch_size_labeled, num_cpus=0.25,
-        fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
-    )
-    with _block_size(_labeler_batch_bytes(cfg, pool_size)):
+    with _stream_context():
+        labeled = read_prepared(cfg.data.prepared, LABELED, num_cpus=READ_TASK_CPUS).map_batches(
+            labeled_views, batch_size=cfg.train.batch_size_labeled, num_cpus=VIEW_TASK_CPUS,
+            fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
+        )
+    with _stream_context(_labeler_batch_bytes(cfg, pool_size)):
         unlabeled = _unlabeled_stream(cfg, num_classes, weights_store, pool_size)
     return {LABELED: labeled, UNLABELED: unlabeled}
 
 
 @contextlib.contextmanager
-def _block_size(max_bytes: int) -> Iterator[None]:
-    """Datasets built inside get blocks of about `max_bytes` (they copy the context when created).
+def _stream_context(max_block_bytes: int | None = None) -> Iterator[None]:
+    """Datasets built inside copy this context: no per-operator reservations, optional block size.
+
+    Per-operator reservations split a stream's small planned budget before any task runs: upstream
+    read operators, one per pass, were served first and the strong-view stage got nothing until the
+    reads ended. Without them every stage draws on the stream's whole budget.
 
     Ray Data backpressures in blocks, so block size is the staleness knob: a read block of the whole
     shard (Parquet V2 ignores `override_num_blocks`) would be labelled in one task whose output only
     appears at its end, while the credit gate holds the labeler back.
     """
     context = DataContext.get_current()
-    previous, context.target_max_block_size = context.target_max_block_size, max_bytes
+    previous = context.target_max_block_size, context.op_resource_reservation_enabled
+    context.op_resource_reservation_enabled = False
+    if max_block_bytes is not None:
+        context.target_max_block_size = max_block_bytes
     try:
         yield
     finally:
-        context.target_max_block_size = previous
+        context.target_max_block_size, context.op_resource_reservation_enabled = previous
 
 
 def _labeler_batch_bytes(cfg: Config, pool_size: int) -> int:
@@ -84,7 +93,7 @@ def _labeler_batch_bytes(cfg: Config, pool_size: int) -> int:
 
 def _unlabeled_stream(cfg: Config, num_classes: int, weights_store: str, pool_size: int) -> ray.data.Dataset:
     r = cfg.ray
-    pool = read_prepared(cfg.data.prepared, UNLABELED)
+    pool = read_prepared(cfg.data.prepared, UNLABELED, num_cpus=READ_TASK_CPUS)
     if cfg.data.unlabeled_folder:
         extra = read_image_folder(cfg.data.unlabeled_folder)
         pool, pool_size = pool.union(extra), pool_size + extra.count()
@@ -96,13 +105,16 @@ def _unlabeled_stream(cfg: Config, num_classes: int, weights_store: str, pool_si
         fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": num_classes, "store_name": weights_store},
         compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
         batch_size=r.labeler_batch_size, num_cpus=r.cpus_per_labeler, num_gpus=r.gpus_per_labeler,
-    ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=0.25)
+    ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=VIEW_TASK_CPUS)
 
 
 def _data_config(plan: ResourcePlan) -> ray.train.DataConfig:
-    options = ExecutionOptions(resource_limits=ExecutionResources(cpu=plan.data_budget_cpus,
-                                                                  object_store_memory=512 * 1024**2))
-    return ray.train.DataConfig(execution_options=options)
+    """Each stream's own budget (the file listing that opens every labeled epoch takes a whole CPU)."""
+    def options(cpus: float) -> ExecutionOptions:
+        return ExecutionOptions(resource_limits=ExecutionResources(cpu=cpus, object_store_memory=512 * 1024**2))
+
+    return ray.train.DataConfig(execution_options={LABELED: options(DATA_TASK_CPUS),
+                                                   UNLABELED: options(plan.labeler_cpus + DATA_TASK_CPUS)})
 
 
 def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
@@ -185,6 +197,7 @@ class FreshRows:
                      for row in _batch_rows(b))
         self.max_staleness, self.dropped = max_staleness, 0
         self.taken, self.label_seconds = 0, 0.0  # per-actor labelling time of the rows used
+        self.wait_seconds = 0.0  # the trainer's time blocked on the stream
         self.versions: set[int] = set()
         self._reported = 0
 
@@ -195,6 +208,13 @@ class FreshRows:
         return delta
 
     def take(self, n: int, step: int) -> list[dict] | None:
+        started = time.perf_counter()
+        try:
+            return self._take(n, step)
+        finally:
+            self.wait_seconds += time.perf_counter() - started
+
+    def _take(self, n: int, step: int) -> list[dict] | None:
         out = []
         for row in self.rows:
             if step - int(row["teacher_version"]) > self.max_staleness:
@@ -235,7 +255,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = Config.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, device = ctx.get_world_rank(), ray.train.torch.get_device()
-    run = TrainingRun(cfg, config["run_dir"], rank=rank, device=device, parent_run_id=config.get("parent_run_id"))
+    run = TrainingRun(cfg, config["run_dir"], rank=rank, device=device, parent_run_id=config.get("parent_run_id"),
+                      sinks=[print_sink] if rank == 0 else None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -262,7 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
             run.last_pseudo = (pseudo.images, pseudo.targets)
             if fresh.label_seconds and run.step % train.log_period == 0:
                 run.log({"labeler_images_per_s": fresh.taken / fresh.label_seconds,
-                         "stale_rows_dropped": fresh.dropped})
+                         "stale_rows_dropped": fresh.dropped, "pseudo_wait_seconds": fresh.wait_seconds})
         run.train_step(_labeled_batch(next(labeled), run.with_masks), pseudo)
         if rank == 0 and run.step > ssl.burn_in_steps and (run.step - ssl.burn_in_steps) % ssl.publish_interval == 0:
             publish(store, run.step, run.teacher)
@@ -274,7 +295,7 @@ def train_loop_per_worker(config: dict) -> None:
 def _extra_metrics(fresh: FreshRows | None) -> dict[str, Any]:
     if fresh is None:
         return {"stale_rows_dropped": 0}
-    return {"stale_rows_dropped": fresh.dropped,
+    return {"stale_rows_dropped": fresh.dropped, "pseudo_wait_seconds": fresh.wait_seconds,
             "labeler_images_per_s": fresh.taken / fresh.label_seconds if fresh.label_seconds else None}
 
 
