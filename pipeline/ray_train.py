@@ -32,11 +32,12 @@ from pipeline.errors import InputError
 from pipeline.labeler import TeacherLabeler, add_strong_views, decode_masks, labeled_views
 from pipeline.loop import TrainingRun, print_sink
 from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
-from pipeline.resources import DATA_TASK_CPUS, READ_TASK_CPUS, VIEW_TASK_CPUS, ResourcePlan, plan_resources, start_ray
+from pipeline.resources import ResourcePlan, plan_resources, start_ray
 from pipeline.session import CHECKPOINT_NAME, write_metrics
 from pipeline.weights import get_or_create_store, publish, store_name
 
 LABELED, UNLABELED = "labeled", "unlabeled"
+MAX_LABELED_PASSES = 64  # beyond this a long run re-executes the labeled stream per 64 passes
 
 
 # -- driver side ---------------------------------------------------------------------------------------
@@ -46,42 +47,49 @@ def _unlabeled_passes(cfg: Config, pool_size: int) -> int:
     return math.ceil(1.5 * rows_needed / max(pool_size, 1)) + 1
 
 
+def _labeled_passes(cfg: Config, num_labeled: int) -> int:
+    """Passes over the labeled set in one execution (at most MAX_LABELED_PASSES).
+
+    Each new execution asks Ray Data's autoscaling coordinator for CPUs afresh; while the unlabeled
+    stream ran, a second labeled epoch was granted none ("1/0 CPU") and mutual learning stalled.
+    """
+    rows_needed = cfg.train.steps * cfg.train.batch_size_labeled * cfg.ray.num_workers
+    return min(math.ceil(rows_needed / max(num_labeled, 1)) + 1, MAX_LABELED_PASSES)
+
+
+def _passes(dataset: ray.data.Dataset, n: int) -> ray.data.Dataset:
+    """`n` passes over `dataset` as one streaming execution."""
+    return dataset.union(*[dataset] * (n - 1)) if n > 1 else dataset
+
+
 def build_datasets(cfg: Config, num_classes: int, weights_store: str) -> dict[str, ray.data.Dataset]:
     split, r = load_split(cfg.data.prepared), cfg.ray
     pool_size = split["num_unlabeled"]
     if split["num_labeled"] < r.num_workers:
         raise InputError(f"{split['num_labeled']} labeled images cannot be split over ray.num_workers={r.num_workers}")
-    with _stream_context():
-        labeled = read_prepared(cfg.data.prepared, LABELED, num_cpus=READ_TASK_CPUS).map_batches(
-            labeled_views, batch_size=cfg.train.batch_size_labeled, num_cpus=VIEW_TASK_CPUS,
-            fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
-        )
-    with _stream_context(_labeler_batch_bytes(cfg, pool_size)):
+    labeled = _passes(read_prepared(cfg.data.prepared, LABELED), _labeled_passes(cfg, split["num_labeled"])).map_batches(
+        labeled_views, batch_size=cfg.train.batch_size_labeled, num_cpus=0.25,
+        fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
+    )
+    with _block_size(_labeler_batch_bytes(cfg, pool_size)):
         unlabeled = _unlabeled_stream(cfg, num_classes, weights_store, pool_size)
     return {LABELED: labeled, UNLABELED: unlabeled}
 
 
 @contextlib.contextmanager
-def _stream_context(max_block_bytes: int | None = None) -> Iterator[None]:
-    """Datasets built inside copy this context: no per-operator reservations, optional block size.
-
-    Per-operator reservations split a stream's small planned budget before any task runs: upstream
-    read operators, one per pass, were served first and the strong-view stage got nothing until the
-    reads ended. Without them every stage draws on the stream's whole budget.
+def _block_size(max_bytes: int) -> Iterator[None]:
+    """Datasets built inside get blocks of about `max_bytes` (they copy the context when created).
 
     Ray Data backpressures in blocks, so block size is the staleness knob: a read block of the whole
     shard (Parquet V2 ignores `override_num_blocks`) would be labelled in one task whose output only
     appears at its end, while the credit gate holds the labeler back.
     """
     context = DataContext.get_current()
-    previous = context.target_max_block_size, context.op_resource_reservation_enabled
-    context.op_resource_reservation_enabled = False
-    if max_block_bytes is not None:
-        context.target_max_block_size = max_block_bytes
+    previous, context.target_max_block_size = context.target_max_block_size, max_bytes
     try:
         yield
     finally:
-        context.target_max_block_size, context.op_resource_reservation_enabled = previous
+        context.target_max_block_size = previous
 
 
 def _labeler_batch_bytes(cfg: Config, pool_size: int) -> int:
@@ -93,28 +101,22 @@ def _labeler_batch_bytes(cfg: Config, pool_size: int) -> int:
 
 def _unlabeled_stream(cfg: Config, num_classes: int, weights_store: str, pool_size: int) -> ray.data.Dataset:
     r = cfg.ray
-    pool = read_prepared(cfg.data.prepared, UNLABELED, num_cpus=READ_TASK_CPUS)
+    pool = read_prepared(cfg.data.prepared, UNLABELED)
     if cfg.data.unlabeled_folder:
         extra = read_image_folder(cfg.data.unlabeled_folder)
         pool, pool_size = pool.union(extra), pool_size + extra.count()
-    stream = pool
-    for _ in range(_unlabeled_passes(cfg, pool_size) - 1):
-        stream = stream.union(pool)
-    return stream.map_batches(
+    return _passes(pool, _unlabeled_passes(cfg, pool_size)).map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": num_classes, "store_name": weights_store},
         compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
         batch_size=r.labeler_batch_size, num_cpus=r.cpus_per_labeler, num_gpus=r.gpus_per_labeler,
-    ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=VIEW_TASK_CPUS)
+    ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=0.25)
 
 
 def _data_config(plan: ResourcePlan) -> ray.train.DataConfig:
-    """Each stream's own budget (the file listing that opens every labeled epoch takes a whole CPU)."""
-    def options(cpus: float) -> ExecutionOptions:
-        return ExecutionOptions(resource_limits=ExecutionResources(cpu=cpus, object_store_memory=512 * 1024**2))
-
-    return ray.train.DataConfig(execution_options={LABELED: options(DATA_TASK_CPUS),
-                                                   UNLABELED: options(plan.labeler_cpus + DATA_TASK_CPUS)})
+    options = ExecutionOptions(resource_limits=ExecutionResources(cpu=plan.data_budget_cpus,
+                                                                  object_store_memory=512 * 1024**2))
+    return ray.train.DataConfig(execution_options=options)
 
 
 def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
@@ -127,6 +129,7 @@ def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | N
     run_id = _run_id(run_dir)
     store = get_or_create_store(store_name(run_id))
     num_classes = len(load_categories(cfg.data.prepared))
+    DataContext.get_current().execution_options.resource_limits = ExecutionResources(cpu=plan.data_budget_cpus)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_dir": str(run_dir), "store": store_name(run_id),

@@ -31,12 +31,8 @@ def read_prepared(
     *,
     override_num_blocks: int | None = None,
     filesystem: pafs.FileSystem | None = None,
-    num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
-    """The Parquet shards of one prepared split ("labeled", "unlabeled" or "val") as a Ray Dataset.
-
-    `num_cpus` is what each read task reserves (fractions let reads run beside actors on a tight budget).
-    """
+    """The Parquet shards of one prepared split ("labeled", "unlabeled" or "val") as a Ray Dataset."""
     import ray.data
 
     if split not in SPLITS:
@@ -44,7 +40,7 @@ def read_prepared(
     fs, root = _resolve(prepared_dir, filesystem)
     path = f"{root.rstrip('/')}/{split}"
     _require_dir(fs, path, f"{prepared_dir} has no '{split}' split (run `ssod prepare` first)")
-    return ray.data.read_parquet(path, filesystem=fs, override_num_blocks=override_num_blocks, num_cpus=num_cpus)
+    return ray.data.read_parquet(path, filesystem=fs, override_num_blocks=override_num_blocks)
 
 
 def read_image_folder(

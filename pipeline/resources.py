@@ -14,17 +14,8 @@ import ray
 from pipeline.config import Config
 from pipeline.errors import InputError
 
-# Each stream (labeled, unlabeled) gets DATA_TASK_CPUS for its tasks: read and view tasks take a
-# fraction of a CPU so several run at once (a 1-CPU read task starved the strong-view stage), and
-# Ray Data's file listing, which opens every epoch, takes the whole CPU.
-READ_TASK_CPUS = 0.25
-VIEW_TASK_CPUS = 0.25
+# Read, decode and strong-view tasks of both streams.
 DATA_TASK_CPUS = 1.0
-STREAMS = 2
-# Logical CPUs a local Ray keeps beyond the plan. Every labeled epoch is a new Ray Data execution that
-# asks the autoscaling coordinator for CPUs; on a cluster sized exactly to the plan it was granted none
-# (seen: "Active & requested resources: 1/0 CPU" for good) while the unlabeled stream ran.
-COORDINATOR_SLACK_CPUS = 4
 
 
 @dataclass(frozen=True)
@@ -33,7 +24,7 @@ class ResourcePlan:
     train_gpus: float
     labeler_cpus: float
     labeler_gpus: float
-    data_cpus: float = STREAMS * DATA_TASK_CPUS
+    data_cpus: float = DATA_TASK_CPUS
 
     @property
     def cpus(self) -> float:
@@ -47,6 +38,11 @@ class ResourcePlan:
         """The plan for `n` runs side by side (concurrent Tune trials)."""
         return ResourcePlan(self.train_cpus * n, self.train_gpus * n, self.labeler_cpus * n,
                             self.labeler_gpus * n, self.data_cpus * n)
+
+    @property
+    def data_budget_cpus(self) -> float:
+        """What Ray Data may use: the labeler pool plus its tasks (Train reserves its own share)."""
+        return self.labeler_cpus + self.data_cpus
 
 
 def plan_resources(cfg: Config) -> ResourcePlan:
@@ -80,6 +76,6 @@ def start_ray(cfg: Config, plan: ResourcePlan) -> None:
         if address:
             ray.init(address=address)
         else:
-            num_cpus = cfg.ray.num_cpus or max(math.ceil(plan.cpus) + COORDINATOR_SLACK_CPUS, os.cpu_count() or 1)
+            num_cpus = cfg.ray.num_cpus or max(math.ceil(plan.cpus), os.cpu_count() or 1)
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     check_fits(plan, ray.cluster_resources())

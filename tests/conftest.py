@@ -47,7 +47,6 @@ def tiny_config(prepared: Path, output: Path, *overrides: str) -> Config:
 def ray_cluster():
     import ray
 
-    # 8 logical CPUs on 2 cores: the plans fit with the slack Ray Data's coordinator needs (resources.py)
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -20,7 +20,7 @@ def _free_port() -> int:
 def test_job_submitted_to_a_head_node_trains_on_ray(prepared, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     gcs, dashboard = _free_port(), _free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=8",
+    subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--temp-dir={tempfile.mkdtemp(prefix='ray')}"],  # short: socket paths
                    check=True, env=env, timeout=180,
                    capture_output=True)
