@@ -56,7 +56,7 @@ $py bench/quality.py $grid --percents 1 5 --seeds 0 1 --jobs 8 --out $out/qualit
 $py bench/quality.py $grid --arch mask_rcnn --percents 1 --seeds 0 --jobs 2 --out $out/quality_mask.json > $out/quality_mask.log 2>&1 &
 pair="--config configs/demo.yaml --set data.prepared=$prepared --set tracking.enabled=false"
 timeout $(($(left) - 20)) $py -m pipeline.cli train $pair --output $root/ray_gpu --set ray.gpus_per_worker=$share \
-  --set ray.gpus_per_labeler=$share --set ray.cpus_per_labeler=1 > $out/ray_gpu.log 2>&1 &
+  --set ray.gpus_per_labeler=$share > $out/ray_gpu.log 2>&1 &
 timeout $(($(left) - 20)) $py -m pipeline.cli train $pair --output $root/local_gpu --set train.backend=local \
   --set train.device=$device > $out/local_gpu.log 2>&1 &
 while [ "$(jobs -r | wc -l)" -gt 0 ] && [ "$(left)" -gt 10 ]; do sleep 5; done
