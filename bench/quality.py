@@ -69,11 +69,11 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cell(args: argparse.Namespace, root: Path, coco: Path, percent: float, seed: int, method: str) -> dict:
+def _cell(args: argparse.Namespace, root: Path, prepared: Path, percent: float, seed: int, method: str) -> dict:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))  # cells share the cores
     run_dir = root / "runs" / f"{args.arch}_p{percent:g}_s{seed}_{method}"
     return {"arch": args.arch, "percent": percent, "seed": seed, "method": method, "steps": args.steps,
-            "burn_in": args.burn_in, **_run(args, _split(root, coco, percent, seed), seed, method, run_dir)}
+            "burn_in": args.burn_in, **_run(args, prepared, seed, method, run_dir)}
 
 
 def main() -> None:
@@ -96,14 +96,13 @@ def main() -> None:
 
     root = Path(args.root)
     coco = _dataset(root, args.images)
-    cells = [(p, s, m) for p in args.percents for s in args.seeds for m in args.methods]
-    for percent, seed in dict.fromkeys((p, s) for p, s, _ in cells):
-        _split(root, coco, percent, seed)  # before the cells start: they share the splits
+    # Splits are made before the cells start: cells share them.
+    splits = {(p, s): _split(root, coco, p, s) for p in args.percents for s in args.seeds}
     out_path = Path(args.out)
     rows = json.loads(out_path.read_text()) if out_path.exists() else []
     # spawn: a forked child cannot use CUDA once the parent has touched it
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_cell, args, root, coco, *cell) for cell in cells]
+        futures = [pool.submit(_cell, args, root, splits[p, s], p, s, m) for (p, s) in splits for m in args.methods]
         for future in as_completed(futures):
             row = future.result()
             key = (row["arch"], row["percent"], row["seed"], row["method"])
