@@ -13,6 +13,8 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.augment import make_target
+from pipeline.errors import InputError
+from pipeline.schema import LABELED_DIR, VAL_GT_FILE
 
 
 def decode_image_bytes(data: bytes) -> tv_tensors.Image:
@@ -47,6 +49,21 @@ def decode_row(row: dict[str, Any], with_masks: bool = False) -> tuple[tv_tensor
         stack = [segmentation_to_mask(s, height, width) for s in segs]
         masks = torch.as_tensor(np.stack(stack) if stack else np.zeros((0, height, width), np.uint8))
     return image, make_target(boxes, labels, (height, width), masks)
+
+
+def require_segmentations(prepared: str | Path) -> None:
+    """Mask R-CNN needs a mask for every labeled box and for the validation ground truth: without this
+    check a set without segmentations trains the mask head on empty masks and reports a meaningless mask AP."""
+    labeled = Path(prepared) / LABELED_DIR
+    segs = [s for row in read_rows(labeled, columns=["segmentations"]) for s in row["segmentations"]]
+    missing = sum(1 for s in segs if not s)
+    if missing:
+        raise InputError(f"{labeled}: {missing} of {len(segs)} labeled boxes have no segmentation; "
+                         "model.arch=mask_rcnn needs polygon or RLE masks (`ssod synth --masks`, or COCO "
+                         "annotations with `segmentation`)")
+    val_gt = Path(prepared) / VAL_GT_FILE
+    if val_gt.exists() and any(not a.get("segmentation") for a in json.loads(val_gt.read_text())["annotations"]):
+        raise InputError(f"{val_gt}: validation boxes without segmentation; model.arch=mask_rcnn scores masks")
 
 
 def read_rows(directory: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:

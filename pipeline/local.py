@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 from pipeline.augment import weak_transform
 from pipeline.config import Config
-from pipeline.data import decode_row, infinite_indices, read_rows
+from pipeline.data import decode_row, infinite_indices, read_rows, require_segmentations
 from pipeline.loop import TrainingRun, print_sink
 from pipeline.schema import LABELED_DIR, UNLABELED_DIR
 from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
@@ -26,6 +26,8 @@ class SampleStream:
 
 
 def train_local(cfg: Config, sinks: list | None = None) -> dict[str, Any]:
+    if cfg.model.arch == "mask_rcnn":
+        require_segmentations(cfg.data.prepared)
     run_dir = Path(cfg.train.output_dir)
     run = TrainingRun(cfg, run_dir, sinks=[print_sink, *(sinks or [])])
     if (run_dir / CHECKPOINT_NAME).exists():

@@ -28,6 +28,7 @@ from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions, Execution
 from models.unbiased_teacher import Batch
 from pipeline.augment import to_float
 from pipeline.config import Config
+from pipeline.data import require_segmentations
 from pipeline.errors import InputError
 from pipeline.labeler import TeacherLabeler, add_strong_views, decode_masks, labeled_views
 from pipeline.loop import TrainingRun, print_sink
@@ -122,6 +123,8 @@ def _data_config(plan: ResourcePlan) -> ray.train.DataConfig:
 def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Plan resources, start or join Ray, fit the TorchTrainer, write metrics.json on the driver."""
     cfg = cfg.with_absolute_paths()
+    if cfg.model.arch == "mask_rcnn":
+        require_segmentations(cfg.data.prepared)
     plan = plan_resources(cfg)
     start_ray(cfg, plan)
     run_dir = Path(cfg.train.output_dir).resolve()

@@ -6,8 +6,11 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_config
+from pipeline.errors import InputError
 from pipeline.local import train_local
-from pipeline.train import evaluate_checkpoint
+from pipeline.prepare import prepare
+from pipeline.synth import generate
+from pipeline.train import evaluate_checkpoint, train
 
 AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"}
 
@@ -76,3 +79,15 @@ def test_bad_input_is_one_line_and_exit_code_2(prepared, argv, message):
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_mask_rcnn_refuses_a_set_without_segmentations(tmp_path, backend):
+    coco = tmp_path / "coco"
+    generate(coco, 30, seed=1)  # boxes only
+    prepared = tmp_path / "prepared"
+    prepare(coco / "train" / "annotations.json", coco / "train" / "images", 50, 0, prepared,
+            val_annotations=coco / "val" / "annotations.json", val_images=coco / "val" / "images")
+    cfg = tiny_config(prepared, tmp_path / "run", "model.arch=mask_rcnn", f"train.backend={backend}")
+    with pytest.raises(InputError, match="have no segmentation; model.arch=mask_rcnn"):
+        train(cfg)
