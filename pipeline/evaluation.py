@@ -35,13 +35,15 @@ class Evaluator:
         model = unwrap(model)
         was_training = model.training
         model.eval()
-        outputs = []
+        results = []
         with torch.inference_mode():
             for start in range(0, len(self.images), self.batch_size):
                 batch = [to_float(i).to(device) for i in self.images[start:start + self.batch_size]]
-                outputs += [{k: v.cpu() for k, v in o.items()} for o in model(batch)]
+                # Encoded per batch: full-image float masks of every detection of every image would
+                # take gigabytes (200 images x 100 detections x H x W).
+                outputs = [{k: v.cpu() for k, v in o.items()} for o in model(batch)]
+                results += to_coco_results(self.image_ids[start:start + len(batch)], outputs, self.label_to_category)
         model.train(was_training)
-        results = to_coco_results(self.image_ids, outputs, self.label_to_category)
         return score_coco(self.gt, results, self.iou_types)
 
 
