@@ -115,9 +115,12 @@ def _unlabeled_stream(cfg: Config, num_classes: int, weights_store: str, pool_si
 
 
 def _data_config(plan: ResourcePlan) -> ray.train.DataConfig:
-    options = ExecutionOptions(resource_limits=ExecutionResources(cpu=plan.data_budget_cpus,
-                                                                  object_store_memory=512 * 1024**2))
-    return ray.train.DataConfig(execution_options=options)
+    """A budget per stream: with one shared limit the labeled stream reserved it all (see resources.py)."""
+    def options(cpus: float) -> ExecutionOptions:
+        return ExecutionOptions(resource_limits=ExecutionResources(cpu=cpus, object_store_memory=512 * 1024**2))
+
+    return ray.train.DataConfig(execution_options={LABELED: options(plan.labeled_budget_cpus),
+                                                   UNLABELED: options(plan.unlabeled_budget_cpus)})
 
 
 def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
@@ -132,7 +135,6 @@ def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | N
     run_id = _run_id(run_dir)
     store = get_or_create_store(store_name(run_id))
     num_classes = len(load_categories(cfg.data.prepared))
-    DataContext.get_current().execution_options.resource_limits = ExecutionResources(cpu=plan.data_budget_cpus)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "run_dir": str(run_dir), "store": store_name(run_id),

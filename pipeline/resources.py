@@ -7,42 +7,68 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 
 from pipeline.config import Config
 from pipeline.errors import InputError
 
-# Read, decode and strong-view tasks of both streams.
-DATA_TASK_CPUS = 1.0
+# Each stream's tasks beside the labeler actors. Parquet V2's ListFiles and read tasks take a whole CPU,
+# so neither budget may be smaller; the unlabeled stream also needs a strong-view task (0.25) running
+# beside a read, or its rows wait behind the reads and the labelers' credit gate times out.
+LABELED_STREAM_CPUS = 1.0
+UNLABELED_TASK_CPUS = 1.5
+# Ray Data's coordinator reserves what each running dataset asks for, first come first served, and splits
+# the CPUs nobody reserved in whole CPUs between them. The unlabeled stream starts after burn-in with no
+# reservation and asks for nothing until it has throughput, so it gets going only if that split gives it
+# a whole CPU: one for each of the two streams on top of the labeled stream's reservation. Without it
+# the stream waited for the labeled stream to end (minutes), or for ever once that stream was
+# backpressured.
+STREAM_START_CPUS = 2.0
+# Parquet V2 listing starts this many footer-reader actor processes (default 32) per listing, and each
+# stream lists once per pass: on 2 cores that process churn took more CPU than the student.
+FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2"
 
 
 @dataclass(frozen=True)
 class ResourcePlan:
+    """CPUs and GPUs of one run, and how many runs share the cluster (concurrent Tune trials)."""
+
     train_cpus: float
     train_gpus: float
     labeler_cpus: float
     labeler_gpus: float
-    data_cpus: float = DATA_TASK_CPUS
+    runs: int = 1
+
+    @property
+    def labeled_budget_cpus(self) -> float:
+        """Ray Data's limit for one run's labeled stream."""
+        return LABELED_STREAM_CPUS
+
+    @property
+    def unlabeled_budget_cpus(self) -> float:
+        """Ray Data's limit for one run's unlabeled stream: the labeler actors and their tasks."""
+        return self.labeler_cpus + UNLABELED_TASK_CPUS
+
+    @property
+    def data_cpus(self) -> float:
+        """Ray Data tasks of all runs, labeler actors apart, with the headroom a starting stream needs."""
+        per_run = max(LABELED_STREAM_CPUS + UNLABELED_TASK_CPUS,
+                      LABELED_STREAM_CPUS + STREAM_START_CPUS - self.labeler_cpus)
+        return per_run * self.runs
 
     @property
     def cpus(self) -> float:
-        return self.train_cpus + self.labeler_cpus + self.data_cpus
+        return (self.train_cpus + self.labeler_cpus) * self.runs + self.data_cpus
 
     @property
     def gpus(self) -> float:
-        return self.train_gpus + self.labeler_gpus
+        return (self.train_gpus + self.labeler_gpus) * self.runs
 
     def times(self, n: int) -> "ResourcePlan":
-        """The plan for `n` runs side by side (concurrent Tune trials)."""
-        return ResourcePlan(self.train_cpus * n, self.train_gpus * n, self.labeler_cpus * n,
-                            self.labeler_gpus * n, self.data_cpus * n)
-
-    @property
-    def data_budget_cpus(self) -> float:
-        """What Ray Data may use: the labeler pool plus its tasks (Train reserves its own share)."""
-        return self.labeler_cpus + self.data_cpus
+        """The plan for `n` runs side by side."""
+        return replace(self, runs=self.runs * n)
 
 
 def plan_resources(cfg: Config) -> ResourcePlan:
@@ -57,14 +83,16 @@ def check_fits(plan: ResourcePlan, available: dict[str, float]) -> None:
     cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
     if plan.cpus > cpus + 1e-9:
         raise InputError(
-            f"resource plan needs {plan.cpus:g} CPUs (train {plan.train_cpus:g} + labelers {plan.labeler_cpus:g}"
-            f" + data tasks {plan.data_cpus:g}) but the Ray cluster has {cpus:g}: lower ray.num_workers,"
+            f"resource plan needs {plan.cpus:g} CPUs (train {plan.train_cpus * plan.runs:g} + labelers"
+            f" {plan.labeler_cpus * plan.runs:g} + data tasks {plan.data_cpus:g}) but the Ray cluster has {cpus:g}:"
+            " lower ray.num_workers,"
             " ray.cpus_per_worker, ray.num_labelers or ray.cpus_per_labeler (fractions are allowed), or raise"
             " ray.num_cpus for a local Ray"
         )
     if plan.gpus > gpus + 1e-9:
         raise InputError(
-            f"resource plan needs {plan.gpus:g} GPUs (train {plan.train_gpus:g} + labelers {plan.labeler_gpus:g})"
+            f"resource plan needs {plan.gpus:g} GPUs (train {plan.train_gpus * plan.runs:g} + labelers"
+            f" {plan.labeler_gpus * plan.runs:g})"
             f" but the Ray cluster has {gpus:g}: set ray.gpus_per_worker / ray.gpus_per_labeler to 0 for CPU"
         )
 
@@ -77,5 +105,6 @@ def start_ray(cfg: Config, plan: ResourcePlan) -> None:
             ray.init(address=address)
         else:
             num_cpus = cfg.ray.num_cpus or max(math.ceil(plan.cpus), os.cpu_count() or 1)
+            os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)  # the local Ray's processes inherit it
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     check_fits(plan, ray.cluster_resources())

@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray >= 2.59 turns token auth on for local clusters
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The local Rays of the tests (and `ray start` in the job test) inherit this: see resources.FOOTER_ACTORS_ENV.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402

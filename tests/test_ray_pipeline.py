@@ -34,8 +34,19 @@ def test_two_workers_two_labelers_bounded_staleness_and_resume(ray_cluster, prep
 
 def test_an_unschedulable_plan_is_refused_up_front(ray_cluster, prepared, tmp_path):
     cfg = tiny_config(prepared, tmp_path / "big", "ray.num_workers=8", "ray.cpus_per_worker=1")
-    with pytest.raises(InputError, match="needs 9.5 CPUs"):
+    with pytest.raises(InputError, match="needs 11 CPUs"):
         start_ray(cfg, plan_resources(cfg))
     cfg = tiny_config(prepared, tmp_path / "gpu", "ray.gpus_per_worker=1")
     with pytest.raises(InputError, match="GPUs"):
         start_ray(cfg, plan_resources(cfg))
+
+
+def test_plan_gives_each_stream_a_budget_and_a_starting_stream_a_whole_cpu(prepared, tmp_path):
+    plan = plan_resources(tiny_config(prepared, tmp_path, "ray.cpus_per_worker=2", "ray.cpus_per_labeler=0.5"))
+    assert (plan.labeled_budget_cpus, plan.unlabeled_budget_cpus) == (1.0, 2.0)
+    # Ray Data splits unreserved CPUs in whole CPUs: after train (2) and the labeled stream (1), the
+    # unlabeled stream starts only if 2 are left for the two streams.
+    assert plan.cpus == 2 + 1 + 2
+    assert plan.times(3).cpus == 3 * plan.cpus and plan.times(3).unlabeled_budget_cpus == 2.0
+    two_labelers = plan_resources(tiny_config(prepared, tmp_path, "ray.cpus_per_labeler=1", "ray.num_labelers=2"))
+    assert two_labelers.cpus == two_labelers.train_cpus + 2 + 1 + 1.5  # labelers + both streams' tasks
