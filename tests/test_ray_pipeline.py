@@ -36,7 +36,7 @@ def test_an_unschedulable_plan_is_refused_up_front(ray_cluster, prepared, tmp_pa
     cfg = tiny_config(prepared, tmp_path / "big", "ray.num_workers=8", "ray.cpus_per_worker=1")
     with pytest.raises(InputError, match="needs 11 CPUs"):
         start_ray(cfg, plan_resources(cfg))
-    cfg = tiny_config(prepared, tmp_path / "gpu", "ray.gpus_per_worker=1")
+    cfg = tiny_config(prepared, tmp_path / "gpu", "ray.gpus_per_worker=1", "ray.cpus_per_worker=1")
     with pytest.raises(InputError, match="GPUs"):
         start_ray(cfg, plan_resources(cfg))
 
