@@ -5,6 +5,7 @@ Unknown keys and out-of-range values are refused with a message naming the key
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import InputError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite file in the working directory
 
 
 class _Section(BaseModel):
@@ -179,6 +182,8 @@ class Config(_Section):
         return self.with_overrides({
             "data.prepared": absolute(self.data.prepared), "data.unlabeled_folder": absolute(self.data.unlabeled_folder),
             "model.weights_path": absolute(self.model.weights_path), "train.output_dir": absolute(self.train.output_dir),
+            "tracking.uri": _absolute_store(self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                            or DEFAULT_TRACKING_URI),
         })
 
     def with_overrides(self, flat: dict[str, Any]) -> "Config":
@@ -193,6 +198,13 @@ class Config(_Section):
             section, _, name = key.partition(".")
             tree[section][name] = value
         return Config.model_validate(tree)
+
+
+def _absolute_store(uri: str) -> str:
+    """A relative sqlite store made absolute: on Ray the default ./mlflow.db landed in Ray's session dir."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix):]
+    return f"{prefix}{Path(path).resolve()}" if uri.startswith(prefix) and not path.startswith("/") else uri
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -32,9 +32,8 @@ from torch import Tensor
 
 import models
 from pipeline import plots
-from pipeline.config import Config
+from pipeline.config import DEFAULT_TRACKING_URI, Config
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite file in the working directory
 
 
 def tracking_uri(cfg_uri: str | None) -> str:

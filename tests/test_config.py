@@ -14,6 +14,15 @@ def test_relative_local_paths_become_absolute_but_uris_stay(tmp_path, monkeypatc
     assert resolved.data.unlabeled_folder == "s3://bucket/raw" and resolved.model.weights_path is None
 
 
+def test_default_mlflow_store_is_pinned_to_the_launch_directory(tmp_path, monkeypatch):
+    # Ray workers run elsewhere: a relative ./mlflow.db would land in Ray's session directory.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert load_config(None).with_absolute_paths().tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = load_config(None, ["tracking.uri=http://127.0.0.1:5000"]).with_absolute_paths()
+    assert server.tracking.uri == "http://127.0.0.1:5000"
+
+
 def test_ema_span_is_the_products_spelling_and_conflicts_are_refused():
     assert load_config(None, ["ssl.ema_span=1999"]).ssl.ema_keep_rate == pytest.approx(0.999)
     with pytest.raises(InputError, match="ema_span"):
