@@ -182,8 +182,7 @@ class Config(_Section):
         return self.with_overrides({
             "data.prepared": absolute(self.data.prepared), "data.unlabeled_folder": absolute(self.data.unlabeled_folder),
             "model.weights_path": absolute(self.model.weights_path), "train.output_dir": absolute(self.train.output_dir),
-            "tracking.uri": _absolute_store(self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-                                            or DEFAULT_TRACKING_URI),
+            "tracking.uri": _absolute_store(tracking_uri(self.tracking.uri)),
         })
 
     def with_overrides(self, flat: dict[str, Any]) -> "Config":
@@ -198,6 +197,11 @@ class Config(_Section):
             section, _, name = key.partition(".")
             tree[section][name] = value
         return Config.model_validate(tree)
+
+
+def tracking_uri(cfg_uri: str | None) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def _absolute_store(uri: str) -> str:

@@ -33,7 +33,7 @@ from pipeline.errors import InputError
 from pipeline.labeler import TeacherLabeler, add_strong_views, decode_masks, labeled_views
 from pipeline.loop import TrainingRun, print_sink
 from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
-from pipeline.resources import ResourcePlan, plan_resources, start_ray
+from pipeline.resources import VIEW_TASK_CPUS, ResourcePlan, plan_resources, start_ray
 from pipeline.session import CHECKPOINT_NAME, write_metrics
 from pipeline.weights import get_or_create_store, publish, store_name
 
@@ -69,7 +69,7 @@ def build_datasets(cfg: Config, num_classes: int, weights_store: str) -> dict[st
     if split["num_labeled"] < r.num_workers:
         raise InputError(f"{split['num_labeled']} labeled images cannot be split over ray.num_workers={r.num_workers}")
     labeled = _passes(read_prepared(cfg.data.prepared, LABELED), _labeled_passes(cfg, split["num_labeled"])).map_batches(
-        labeled_views, batch_size=cfg.train.batch_size_labeled, num_cpus=0.25,
+        labeled_views, batch_size=cfg.train.batch_size_labeled, num_cpus=VIEW_TASK_CPUS,
         fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
     )
     with _block_size(_labeler_batch_bytes(cfg, pool_size)):
@@ -111,7 +111,7 @@ def _unlabeled_stream(cfg: Config, num_classes: int, weights_store: str, pool_si
         fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": num_classes, "store_name": weights_store},
         compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
         batch_size=r.labeler_batch_size, num_cpus=r.cpus_per_labeler, num_gpus=r.gpus_per_labeler,
-    ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=0.25)
+    ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=VIEW_TASK_CPUS)
 
 
 def _data_config(plan: ResourcePlan) -> ray.train.DataConfig:

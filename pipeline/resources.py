@@ -19,6 +19,7 @@ from pipeline.errors import InputError
 # beside a read, or its rows wait behind the reads and the labelers' credit gate times out.
 LABELED_STREAM_CPUS = 1.0
 UNLABELED_TASK_CPUS = 1.5
+VIEW_TASK_CPUS = 0.25  # a weak/strong view task of either stream
 # Ray Data's coordinator reserves what each running dataset asks for, first come first served, and splits
 # the CPUs nobody reserved in whole CPUs between them. The unlabeled stream starts after burn-in with no
 # reservation and asks for nothing until it has throughput, so it gets going only if that split gives it

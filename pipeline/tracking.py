@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import os
 import subprocess
 import sys
 import time
@@ -32,13 +31,7 @@ from torch import Tensor
 
 import models
 from pipeline import plots
-from pipeline.config import DEFAULT_TRACKING_URI, Config
-
-
-
-def tracking_uri(cfg_uri: str | None) -> str:
-    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
-    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+from pipeline.config import Config, tracking_uri
 
 
 def _finite(value: Any) -> float | None:
