@@ -1,79 +1,38 @@
 """Detector builders: torchvision Faster R-CNN / Mask R-CNN with a focal-loss ROI head.
 
-Models start from random weights (`weights=None`); `weights_path` loads a local file with
-`weights_only=True` (a detector state dict, one of our checkpoints, or backbone-only weights).
+Weights: random (`pretrained="none"`), ImageNet or COCO (`models.pretrained`, found locally, never
+downloaded), or a local file (`weights_path`, loaded with `weights_only=True`: a detector state dict, one
+of our checkpoints, or backbone-only weights), which wins when both are given.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import misc as misc_ops
 
+from models.backbones import DEFAULT_ANCHORS, IMAGE_NORMALIZATION, SMALL_HEAD_BACKBONES, build_backbone
 from models.losses import FocalRoIHeads
+from models.pretrained import load_pretrained
 
 ARCHS = ("faster_rcnn", "mask_rcnn")
-BACKBONES = ("resnet50_fpn", "mobilenet_v3_fpn", "tiny")
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-DEFAULT_ANCHORS = {
-    "resnet50_fpn": [[32], [64], [128], [256], [512]],
-    "mobilenet_v3_fpn": [[32, 64, 128, 256, 512]] * 3,
-    "tiny": [[16, 24], [32, 48], [64, 96]],
-}
 
 
 class WeightsFileError(ValueError):
     """A local weights file that cannot be used; the message names the file and the problem."""
 
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-        nn.GroupNorm(8, c_out),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        nn.GroupNorm(8, c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
-def tiny_backbone(out_channels: int = 96) -> BackboneWithFPN:
-    """Four stride-2 conv stages (GroupNorm: no running buffers, safe under EMA, DDP and tiny batches)."""
-    body = nn.Sequential(
-        OrderedDict(
-            stem=_conv_block(3, 32), stage2=_conv_block(32, 64), stage3=_conv_block(64, 128), stage4=_conv_block(128, 192)
-        )
-    )
-    return BackboneWithFPN(body, {"stage3": "0", "stage4": "1"}, [128, 192], out_channels)
-
-
-def _backbone(name: str, pretrained: bool) -> nn.Module:
-    # Random init trains its norms; frozen BatchNorm on a random ResNet-50 overflows (DESIGN field notes).
-    norm = misc_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    if name == "resnet50_fpn":
-        return resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=norm,
-                                   trainable_layers=3 if pretrained else 5)
-    if name == "mobilenet_v3_fpn":
-        return mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm,
-                                  trainable_layers=3 if pretrained else 6)
-    if name == "tiny":
-        return tiny_backbone()
-    raise ValueError(f"model.backbone must be one of {BACKBONES}, got {name!r}")
-
-
-def _roi_heads(base: nn.Module, num_classes: int, focal_gamma: float, tiny: bool, rois_per_image: int) -> FocalRoIHeads:
+def _roi_heads(base: nn.Module, num_classes: int, focal_gamma: float, small: bool, rois_per_image: int) -> FocalRoIHeads:
     box_head, box_predictor = base.box_head, base.box_predictor
     mask = {}
     if base.has_mask():
         mask = dict(mask_roi_pool=base.mask_roi_pool, mask_head=base.mask_head, mask_predictor=base.mask_predictor)
-    if tiny:  # torchvision's 1024-wide MLP and 4x256 mask convs dwarf the tiny backbone
+    if small:
         box_head, box_predictor = TwoMLPHead(box_head.fc6.in_features, 256), FastRCNNPredictor(256, num_classes)
         if mask:
             in_ch = mask["mask_head"][0][0].in_channels
@@ -92,7 +51,9 @@ def build_detector(
     *,
     arch: str = "faster_rcnn",
     backbone: str = "tiny",
+    pretrained: str = "none",
     weights_path: str | None = None,
+    init_weights: bool = True,
     min_size: list[int] | tuple[int, ...] = (320,),
     max_size: int = 512,
     roi_loss: str = "focal",
@@ -101,25 +62,34 @@ def build_detector(
     detections_per_image: int = 100,
     rois_per_image: int = 512,
 ) -> nn.Module:
-    """A torchvision detector for `num_classes` foreground classes (background is added here)."""
+    """A torchvision detector for `num_classes` foreground classes (background is added here).
+
+    `init_weights=False` builds the same structure (frozen norms included) without reading any weights:
+    for a copy that receives a trained state dict, such as a labeler actor's teacher.
+    """
     if arch not in ARCHS:
         raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
     sizes = anchor_sizes or DEFAULT_ANCHORS[backbone]
     anchors = AnchorGenerator(tuple(tuple(s) for s in sizes), (ASPECT_RATIOS,) * len(sizes))
     detector_cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
+    mean, std = IMAGE_NORMALIZATION.get(backbone, (None, None))
     model = detector_cls(
-        _backbone(backbone, pretrained=weights_path is not None),
+        build_backbone(backbone, frozen=pretrained != "none" or weights_path is not None),
         num_classes=num_classes + 1,
         min_size=tuple(min_size),
         max_size=max_size,
         rpn_anchor_generator=anchors,
         box_detections_per_img=detections_per_image,
+        image_mean=mean,
+        image_std=std,
     )
     gamma = focal_gamma if roi_loss == "focal" else 0.0  # focal loss at gamma 0 is cross-entropy
-    model.roi_heads = _roi_heads(model.roi_heads, num_classes + 1, gamma, tiny=backbone == "tiny",
+    model.roi_heads = _roi_heads(model.roi_heads, num_classes + 1, gamma, small=backbone in SMALL_HEAD_BACKBONES,
                                  rois_per_image=rois_per_image)
-    if weights_path:
+    if init_weights and weights_path:
         load_weights(model, weights_path)
+    elif init_weights and pretrained != "none":
+        load_pretrained(model, backbone, pretrained)
     return model
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.pretrained import check_supported
 from pipeline.errors import InputError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite file in the working directory
@@ -23,7 +24,10 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     arch: Literal["faster_rcnn", "mask_rcnn"] = "faster_rcnn"
-    backbone: Literal["resnet50_fpn", "mobilenet_v3_fpn", "tiny"] = "tiny"
+    backbone: Literal["resnet50_fpn", "mobilenet_v3_fpn", "efficientnet_lite0_fpn", "tiny"] = "tiny"
+    # Where the weights start: random, ImageNet (the backbone) or COCO (the whole detector but its
+    # class-specific predictors). `weights_path`, a local file, wins when set.
+    pretrained: Literal["none", "imagenet", "coco"] = "none"
     weights_path: str | None = None
     # The weak view's resize happens inside torchvision's detector transform: in training the shortest
     # edge is drawn from `min_size`, at test time the last entry is used. torchvision's 800 px default
@@ -38,6 +42,11 @@ class ModelConfig(_Section):
     # ROIs sampled per image for the ROI head loss (reference 512). ROI-align backward dominates a CPU
     # step, so small images with few objects train much faster at 128.
     rois_per_image: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _pretrained_exists(self) -> "ModelConfig":
+        check_supported(self.backbone, self.pretrained)
+        return self
 
 
 class DataConfig(_Section):

@@ -85,8 +85,7 @@ class TeacherLabeler:
         self.check_every = cfg.ray.weight_check_batches
         self.window = credit_window(cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.ray.gpus_per_labeler else "cpu")
-        model_args = {**cfg.model.model_dump(), "weights_path": None}
-        self.model = build_detector(num_classes, **model_args).to(self.device).eval()
+        self.model = build_detector(num_classes, **cfg.model.model_dump(), init_weights=False).to(self.device).eval()
         self.store = ray.get_actor(store_name)
         self.version, self.batches, self.wait_timeout_s = NO_VERSION, 0, wait_timeout_s
         self.weak = weak_transform(cfg.data.flip_prob)

@@ -14,6 +14,7 @@ from torchvision.ops import box_iou
 
 from models.builders import WeightsFileError, build_detector
 from models.ema import unwrap
+from models.pretrained import PretrainedWeightsError
 from models.unbiased_teacher import Batch
 from pipeline.augment import strong_view, to_float, to_model_target
 from pipeline.config import Config
@@ -39,6 +40,8 @@ def build_student_teacher(cfg: Config, num_classes: int, device: torch.device) -
         student = build_detector(num_classes, **cfg.model.model_dump()).to(device)
     except WeightsFileError as exc:
         raise InputError(f"model.weights_path: {exc}") from None
+    except PretrainedWeightsError as exc:
+        raise InputError(str(exc)) from None
     teacher = copy.deepcopy(student).eval()
     teacher.requires_grad_(False)
     return student, teacher

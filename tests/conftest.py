@@ -37,12 +37,15 @@ def prepared(synthetic_coco: Path, tmp_path_factory) -> Path:
 def tiny_config(prepared: Path, output: Path, *overrides: str) -> Config:
     """A few seconds per step on 2 CPU cores: tiny backbone, 128 px, few ROIs, a handful of val images."""
     base = [
-        f"data.prepared={prepared}", f"train.output_dir={output}", "model.min_size=[128]", "model.max_size=192",
+        "model.backbone=tiny", "model.pretrained=none", f"data.prepared={prepared}", f"train.output_dir={output}", "model.min_size=[128]", "model.max_size=192",
         "model.rois_per_image=32", "data.eval_images=6", "train.steps=8", "ssl.burn_in_steps=4",
         "ssl.score_threshold=0.05", "train.eval_period=4", "train.checkpoint_period=4", "train.log_period=2",
         "train.warmup_steps=2", "tracking.enabled=false", "train.device=cpu",
     ]
     return load_config(ROOT / "configs" / "demo.yaml", base + list(overrides))
+
+
+PRETRAINED = ("model.backbone=efficientnet_lite0_fpn", "model.pretrained=imagenet")  # the demo's model
 
 
 @pytest.fixture(scope="module")

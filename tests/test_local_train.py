@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import PRETRAINED, ROOT, tiny_config
 from pipeline.errors import InputError
 from pipeline.local import train_local
 from pipeline.prepare import prepare
@@ -17,7 +17,7 @@ AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"}
 
 @pytest.mark.parametrize("arch", ["faster_rcnn", "mask_rcnn"])
 def test_short_local_run_writes_complete_metrics(prepared, tmp_path, arch):
-    cfg = tiny_config(prepared, tmp_path / arch, f"model.arch={arch}", "train.backend=local")
+    cfg = tiny_config(prepared, tmp_path / arch, f"model.arch={arch}", "train.backend=local", *PRETRAINED)
     metrics = train_local(cfg)
     written = json.loads((tmp_path / arch / "metrics.json").read_text())
     assert written["steps"] == metrics["steps"] == 8

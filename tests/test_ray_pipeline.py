@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import tiny_config
+from conftest import PRETRAINED, tiny_config
 from pipeline.errors import InputError
 from pipeline.ray_train import train_ray
 from pipeline.resources import plan_resources, start_ray
@@ -16,7 +16,7 @@ RAY_SETTINGS = ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.num_labeler
 def test_two_workers_two_labelers_bounded_staleness_and_resume(ray_cluster, prepared, tmp_path):
     # Credit window: max(in flight 1 x (2 labelers + 1 + 2 x 2 workers), (6 - 2) x 2 rows) = 8 rows = 4 steps,
     # so the 10 mutual-learning steps must see teachers published after the first.
-    cfg = tiny_config(prepared, tmp_path / "run", *RAY_SETTINGS)
+    cfg = tiny_config(prepared, tmp_path / "run", *RAY_SETTINGS, *PRETRAINED)  # frozen norms under DDP and EMA
     metrics = train_ray(cfg)
     assert metrics["steps"] == 14
     assert len(metrics["teacher_versions_seen"]) > 1, "labelers never reloaded the teacher"
