@@ -22,10 +22,10 @@ log() { echo "== +$((SECONDS - started))s $*"; }
 log "device"
 $py -c "import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 
-log "data: $images synthetic images, 1 % and 5 % splits"
+log "data: $images synthetic images, 1 %, 5 % and 10 % splits"
 coco=$root/coco
 $py -m pipeline.cli synth $coco --images $images --seed 0 --masks >/dev/null || exit 1
-for p in 1 5; do for s in 0 1; do
+for p in 1 5 10; do for s in 0 1; do
   $py -m pipeline.cli prepare --annotations $coco/train/annotations.json --images $coco/train/images \
     --val-annotations $coco/val/annotations.json --val-images $coco/val/images \
     --percent $p --seed $s --out $root/prepared_p${p}_s$s >/dev/null || exit 1
@@ -48,11 +48,11 @@ timeout 150 $py bench/throughput.py --device $device --prepared $prepared --imag
   --out $out/throughput.json > $out/throughput.log 2>&1
 echo "exit $?"; tail -5 $out/throughput.log
 
-# ten cells share the GPU and the cores: assume each runs 4x slower than alone
+# fourteen cells share the GPU and the cores: assume each runs 4x slower than alone
 steps=$($py -c "import sys; r, t = float(sys.argv[1]), int(sys.argv[2]); print(max(400, min(4000, int(r * (t - 90) / 4) // 100 * 100)))" "$rate" "$(left)")
 log "3. quality grid, $steps steps (burn-in $((steps / 2))), $(left)s left; Ray run + local twin alongside"
 grid="--root $root --images $images --steps $steps --burn-in $((steps / 2)) --threads 1 --set train.device=$device"
-$py bench/quality.py $grid --percents 1 5 --seeds 0 1 --jobs 8 --out $out/quality_faster.json > $out/quality_faster.log 2>&1 &
+$py bench/quality.py $grid --percents 1 5 10 --seeds 0 1 --jobs 12 --out $out/quality_faster.json > $out/quality_faster.log 2>&1 &
 $py bench/quality.py $grid --arch mask_rcnn --percents 1 --seeds 0 --jobs 2 --out $out/quality_mask.json > $out/quality_mask.log 2>&1 &
 pair="--config configs/demo.yaml --set data.prepared=$prepared --set tracking.enabled=false"
 timeout $(($(left) - 20)) $py -m pipeline.cli train $pair --output $root/ray_gpu --set ray.gpus_per_worker=$share \

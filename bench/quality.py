@@ -5,6 +5,7 @@
 
 The model is `--config`'s (the demo's ImageNet-pretrained EfficientNet-Lite0 unless overridden with --set).
 Supervised-only is the same config with `ssl.unsup_loss_weight=0` (burn-in then plain supervised steps).
+Burn-in is identical for both methods, so it runs once per split and seed and both resume from its checkpoint.
 Each cell reports the teacher's AP, AP50, mask AP, the mean AP of the three rarest classes of the training
 set, pseudo-labels per image with their precision/recall against the held-aside labels, and minutes.
 Prints a table and writes bench/results/quality.json. Not a test: it takes tens of minutes on a CPU.
@@ -15,6 +16,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.local import train_local
+from pipeline.session import CHECKPOINT_NAME
 from pipeline.prepare import prepare
 from pipeline.synth import generate
 
@@ -55,20 +58,52 @@ def _mean_ap(per_class: dict[str, float | None], names: list[str]) -> float:
     return sum(per_class.get(n) or 0.0 for n in names) / len(names)
 
 
-def _run(args: argparse.Namespace, prepared: Path, seed: int, method: str, out: Path, rare: list[str]) -> dict:
+def _config(args: argparse.Namespace, prepared: Path, seed: int, out: Path, steps: int, method: str) -> Config:
     overrides = [
-        f"data.prepared={prepared}", f"train.output_dir={out}", f"train.steps={args.steps}",
+        f"data.prepared={prepared}", f"train.output_dir={out}", f"train.steps={steps}",
         f"ssl.burn_in_steps={args.burn_in}", f"train.seed={seed}", f"train.eval_period={args.steps}",
         f"data.eval_images={args.eval_images}", f"model.arch={args.arch}", "train.backend=local",
-        "tracking.enabled=false", f"train.log_period={args.steps // 4}",
+        "tracking.enabled=false", f"train.log_period={max(1, args.steps // 4)}",
     ]
     if method == "supervised":
         overrides.append("ssl.unsup_loss_weight=0")
+    return load_config(args.config, overrides + args.set)
+
+
+def _cell_dir(args: argparse.Namespace, root: Path, percent: float, seed: int, what: str) -> Path:
+    # One folder per results file: a run directory that holds a checkpoint would be resumed.
+    return root / "runs" / Path(args.out).stem / f"{args.arch}_p{percent:g}_s{seed}_{what}"
+
+
+def _threads(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))  # cells share the cores
+
+
+def _burn_in(args: argparse.Namespace, root: Path, prepared: Path, percent: float, seed: int) -> dict:
+    """Burn-in is the same supervised run for both methods (same seed): run it once and resume from it."""
+    _threads(args)
+    out = _cell_dir(args, root, percent, seed, "burn_in")
     started = time.perf_counter()
-    metrics = train_local(load_config(args.config, overrides + args.set))
-    return {"seconds": round(time.perf_counter() - started, 1), "teacher": metrics["teacher"],
+    metrics = train_local(_config(args, prepared, seed, out, args.burn_in, "supervised"))
+    return {"checkpoint": out / CHECKPOINT_NAME, "seconds": round(time.perf_counter() - started, 1),
+            "teacher_AP": metrics["teacher"]["bbox"]["AP"]}
+
+
+def _cell(args: argparse.Namespace, root: Path, prepared: Path, percent: float, seed: int, method: str,
+          rare: list[str], burn_in: dict) -> dict:
+    _threads(args)
+    out = _cell_dir(args, root, percent, seed, method)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / CHECKPOINT_NAME).exists():
+        shutil.copy(burn_in["checkpoint"], out / CHECKPOINT_NAME)
+    started = time.perf_counter()
+    metrics = train_local(_config(args, prepared, seed, out, args.steps, method))
+    return {"arch": args.arch, "percent": percent, "seed": seed, "method": method, "steps": args.steps,
+            "burn_in": args.burn_in, "burn_in_teacher_AP": burn_in["teacher_AP"],
+            "seconds": round(burn_in["seconds"] + time.perf_counter() - started, 1),
+            "teacher": metrics["teacher"], "student": metrics["student"],
             "rare_AP": _mean_ap(metrics["teacher"]["bbox"]["per_class"], rare), "rare_classes": rare,
-            "student": metrics["student"], "pseudo_labels_per_image": metrics["pseudo_labels_per_image"],
+            "pseudo_labels_per_image": metrics["pseudo_labels_per_image"],
             "pseudo_label_precision": metrics["pseudo_label_precision"],
             "pseudo_label_recall": metrics["pseudo_label_recall"]}
 
@@ -92,15 +127,6 @@ def _table(rows: list[dict]) -> str:
             f"{num(r['pseudo_label_recall']):>6s} {num(ratio):>5s} {r['seconds'] / 60:5.1f}"
         )
     return "\n".join(lines)
-
-
-def _cell(args: argparse.Namespace, root: Path, prepared: Path, percent: float, seed: int, method: str,
-          rare: list[str]) -> dict:
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))  # cells share the cores
-    # One folder per results file: a run directory that holds a checkpoint would be resumed.
-    run_dir = root / "runs" / Path(args.out).stem / f"{args.arch}_p{percent:g}_s{seed}_{method}"
-    return {"arch": args.arch, "percent": percent, "seed": seed, "method": method, "steps": args.steps,
-            "burn_in": args.burn_in, **_run(args, prepared, seed, method, run_dir, rare)}
 
 
 def main() -> None:
@@ -130,7 +156,9 @@ def main() -> None:
     rows = json.loads(out_path.read_text()) if out_path.exists() else []
     # spawn: a forked child cannot use CUDA once the parent has touched it
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_cell, args, root, splits[p, s], p, s, m, rare) for (p, s) in splits for m in args.methods]
+        burn_ins = dict(zip(splits, pool.map(_burn_in, *zip(*[(args, root, splits[k], *k) for k in splits]))))
+        futures = [pool.submit(_cell, args, root, splits[p, s], p, s, m, rare, burn_ins[p, s])
+                   for (p, s) in splits for m in args.methods]
         for future in as_completed(futures):
             row = future.result()
             key = (row["arch"], row["percent"], row["seed"], row["method"])

@@ -8,6 +8,7 @@ import pytest
 from conftest import PRETRAINED, ROOT, tiny_config
 from pipeline.errors import InputError
 from pipeline.local import train_local
+from pipeline.loop import print_sink
 from pipeline.prepare import prepare
 from pipeline.synth import generate
 from pipeline.train import evaluate_checkpoint, train
@@ -91,3 +92,11 @@ def test_mask_rcnn_refuses_a_set_without_segmentations(tmp_path, backend):
     cfg = tiny_config(prepared, tmp_path / "run", "model.arch=mask_rcnn", f"train.backend={backend}")
     with pytest.raises(InputError, match="have no segmentation; model.arch=mask_rcnn"):
         train(cfg)
+
+
+def test_console_log_keeps_unsupervised_losses_and_ap(capsys):
+    print_sink(10, {"sup/loss_classifier": 0.5, "unsup/loss_objectness": 0.25, "teacher/bbox/AP": 12.0,
+                    "teacher/bbox/APs": 1.0, "pseudo_share/circle": 0.9, "lr": 0.01})
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == {"step": 10, "sup/loss_classifier": 0.5, "unsup/loss_objectness": 0.25, "teacher/bbox/AP": 12.0,
+                     "lr": 0.01}
