@@ -13,6 +13,7 @@ Prints a table and writes bench/results/quality.json. Not a test: it takes tens 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -82,7 +83,10 @@ def _threads(args: argparse.Namespace) -> None:
 def _burn_in(args: argparse.Namespace, root: Path, prepared: Path, percent: float, seed: int) -> dict:
     """Burn-in is the same supervised run for both methods (same seed): run it once and resume from it."""
     _threads(args)
-    out = _cell_dir(args, root, percent, seed, "burn_in")
+    # Keyed by what shapes burn-in (not the SSL settings), so a grid with other SSL settings reuses it.
+    shape = [args.config, args.arch, args.burn_in, args.eval_images, *(o for o in args.set if not o.startswith("ssl."))]
+    key = hashlib.sha1(json.dumps(shape).encode()).hexdigest()[:8]
+    out = root / "runs" / "burn_in" / f"{args.arch}_p{percent:g}_s{seed}_b{args.burn_in}_{key}"
     started = time.perf_counter()
     metrics = train_local(_config(args, prepared, seed, out, args.burn_in, "supervised"))
     return {"checkpoint": out / CHECKPOINT_NAME, "seconds": round(time.perf_counter() - started, 1),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,7 +60,14 @@ class DataConfig(_Section):
 class SSLConfig(_Section):
     burn_in_steps: int = Field(2000, ge=0)
     unsup_loss_weight: float = Field(4.0, ge=0)
-    score_threshold: float = Field(0.7, gt=0, le=1)
+    # A number, or "auto": per-class thresholds fitted on the teacher's scores (models/thresholds.py),
+    # between `threshold_floor` and `threshold_ceiling`, refitted every `threshold_refit_interval` steps
+    # on the last `threshold_window` scores of each class.
+    score_threshold: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = 0.7
+    threshold_floor: float = Field(0.5, gt=0, le=1)
+    threshold_ceiling: float = Field(0.9, gt=0, le=1)
+    threshold_refit_interval: int = Field(10, ge=1)
+    threshold_window: int = Field(2000, ge=20)
     ema_keep_rate: float = Field(0.9996, ge=0, lt=1)
     # The product's spelling: the EMA spans the N most recent iterations, k = 1 - 2/(N+1).
     ema_span: int | None = Field(None, ge=1)
@@ -75,6 +82,9 @@ class SSLConfig(_Section):
             if "ema_keep_rate" in self.model_fields_set:
                 raise ValueError("ssl.ema_keep_rate and ssl.ema_span are two spellings of one value: give one")
             object.__setattr__(self, "ema_keep_rate", 1.0 - 2.0 / (self.ema_span + 1))
+        if self.threshold_floor > self.threshold_ceiling:
+            raise ValueError(f"ssl.threshold_floor ({self.threshold_floor}) exceeds ssl.threshold_ceiling "
+                             f"({self.threshold_ceiling})")
         if self.max_staleness <= self.publish_interval:
             raise ValueError(f"ssl.max_staleness ({self.max_staleness}) must exceed the publish interval "
                              f"({self.publish_interval}): a row ages that much before the next teacher arrives")

@@ -14,7 +14,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from models.builders import build_detector
-from models.pseudo_labels import pseudo_label
+from models.pseudo_labels import Threshold, filter_detections, teacher_detections
 from pipeline.augment import strong_view, to_float, weak_transform
 from pipeline.config import Config
 from pipeline.data import decode_row
@@ -88,6 +88,8 @@ class TeacherLabeler:
         self.model = build_detector(num_classes, **cfg.model.model_dump(), init_weights=False).to(self.device).eval()
         self.store = ray.get_actor(store_name)
         self.version, self.batches, self.wait_timeout_s = NO_VERSION, 0, wait_timeout_s
+        auto = cfg.ssl.score_threshold == "auto"  # until the first fit arrives with the weights: the floor
+        self.threshold: Threshold = cfg.ssl.threshold_floor if auto else cfg.ssl.score_threshold
         self.weak = weak_transform(cfg.data.flip_prob)
 
     def _refresh_weights(self) -> None:
@@ -99,9 +101,11 @@ class TeacherLabeler:
                 raise TimeoutError(f"no teacher was published to the weight store in {self.wait_timeout_s:.0f} s")
             time.sleep(0.2)
         if version != self.version:
-            version, [ref] = ray.get(self.store.latest.remote())
+            version, [ref], thresholds = ray.get(self.store.latest.remote())
             self.model.load_state_dict(ray.get(ref))
             self.version = version
+            if thresholds is not None:  # `ssl.score_threshold: auto`: the trainer's current per-class fit
+                self.threshold = torch.tensor(thresholds)
 
     def __call__(self, batch: Batch) -> Batch:
         ray.get(self.store.acquire.remote(len(batch["image_id"]), self.window, GATE_TIMEOUT_S))
@@ -110,7 +114,8 @@ class TeacherLabeler:
         started = time.perf_counter()
         samples = [self.weak(*decode_row(row)) for row in _rows(batch)]
         images = [to_float(image).to(self.device) for image, _ in samples]
-        kept = pseudo_label(self.model, images, self.ssl.score_threshold)
+        detections = teacher_detections(self.model, images)
+        kept = [filter_detections(d, self.threshold) for d in detections]
         seconds = (time.perf_counter() - started) / max(len(samples), 1)
         return {
             "image_id": batch["image_id"],
@@ -121,6 +126,9 @@ class TeacherLabeler:
             "gt_boxes": [_flat(t["boxes"]) for _, t in samples],
             "gt_labels": [t["labels"].numpy() for _, t in samples],
             "annotated": batch["annotated"],
+            # every detection's score, before thresholding: what the trainer fits adaptive thresholds on
+            "teacher_labels": [d["labels"].cpu().numpy() for d in detections],
+            "teacher_scores": [d["scores"].cpu().numpy().astype(np.float32) for d in detections],
             "teacher_version": np.full(len(samples), self.version, dtype=np.int64),
             "label_seconds": np.full(len(samples), seconds, dtype=np.float64),
         }

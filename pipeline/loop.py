@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from models.pseudo_labels import pseudo_label
+from models.pseudo_labels import Threshold, filter_detections, teacher_detections
+from models.thresholds import AdaptiveThresholds
 from models.unbiased_teacher import (
     Batch, StepResult, in_mutual_learning, refresh_teacher, unbiased_teacher_step, without_scores,
 )
@@ -49,6 +50,9 @@ class TrainingRun:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.student)
         self.with_masks = cfg.model.arch == "mask_rcnn"
         self.stats = PseudoLabelStats()
+        ssl = cfg.ssl
+        self.thresholds = None if ssl.score_threshold != "auto" else AdaptiveThresholds(
+            len(categories), ssl.threshold_floor, ssl.threshold_ceiling, ssl.threshold_window)
         self.step, self.skipped_steps, self.history = 0, 0, []
         self.resumed_from_step: int | None = None
         self.sinks = sinks or []
@@ -70,7 +74,8 @@ class TrainingRun:
     def state(self) -> dict[str, Any]:
         return checkpoint_state(self.student, self.teacher, self.optimizer, self.scheduler, self.step,
                                 {"skipped_steps": self.skipped_steps, "stats": self.stats.state(),
-                                 "history": json.dumps(self.history)})
+                                 "history": json.dumps(self.history),
+                                 "thresholds": self.thresholds.state_dict() if self.thresholds else None})
 
     def restore(self, path: str | Path) -> None:
         state = load_checkpoint(path)
@@ -82,6 +87,8 @@ class TrainingRun:
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
         self.history = json.loads(state["history"])
+        if self.thresholds is not None and state.get("thresholds"):
+            self.thresholds.load_state_dict(state["thresholds"])
         self._first_step = self.resumed_from_step = self.step
 
     # -- the algorithm -------------------------------------------------------------------------
@@ -89,10 +96,29 @@ class TrainingRun:
         """Whether the next step uses pseudo-labels."""
         return in_mutual_learning(self.step + 1, self.cfg.ssl.burn_in_steps)
 
+    @property
+    def score_threshold(self) -> Threshold:
+        """The user's fixed threshold, or the current per-class thresholds (`ssl.score_threshold: auto`)."""
+        return self.cfg.ssl.score_threshold if self.thresholds is None else self.thresholds.values
+
+    def published_thresholds(self) -> list[float] | None:
+        """What labeler actors receive with the teacher weights (None: they keep the fixed threshold)."""
+        return None if self.thresholds is None else self.thresholds.values.tolist()
+
+    def observe_scores(self, detections: list[dict[str, torch.Tensor]]) -> None:
+        """Teacher scores on unlabeled images, before thresholding: what per-class thresholds are fitted on."""
+        if self.thresholds is not None:
+            for d in detections:
+                self.thresholds.observe(d["labels"], d["scores"])
+            if not self.thresholds.fitted:  # the first unlabeled batch: fit before thresholding it
+                self.thresholds.refit()
+
     def pseudo_label(self, weak_images: list[torch.Tensor], held_aside: list[dict | None]) -> Batch:
         """Local runner: the in-process teacher labels weak views; the student gets their strong views."""
         images = [to_float(image).to(self.device) for image in weak_images]
-        targets = pseudo_label(self.teacher, images, self.cfg.ssl.score_threshold)
+        detections = teacher_detections(self.teacher, images)
+        self.observe_scores(detections)
+        targets = [filter_detections(d, self.score_threshold) for d in detections]
         for target, gt in zip(targets, held_aside):
             self.stats.add(target, None if gt is None else to_model_target(gt))
         self.last_pseudo = (images, targets)
@@ -110,6 +136,8 @@ class TrainingRun:
         self.scheduler.step()
         refresh_teacher(self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval,
                         ssl.ema_keep_rate)
+        if self.thresholds is not None and self.step % ssl.threshold_refit_interval == 0:
+            self.thresholds.refit()
         if self.step % train.log_period == 0 or result.skipped:
             self.log({**result.losses, "total_loss": result.total, "lr": self.scheduler.get_last_lr()[0],
                       "skipped_steps": self.skipped_steps, **self._pseudo_label_scalars()})
@@ -123,8 +151,18 @@ class TrainingRun:
         total = sum(summary["pseudo_label_class_counts"].values())
         if total:
             scalars.update({f"pseudo_share/{name}": n / total for name, n in summary["pseudo_label_class_counts"].items()})
+        if self.thresholds is not None:
+            scalars.update({f"threshold/{self.names[k]}": float(self.thresholds.values[k]) for k in self.names})
         scalars["train_steps_per_s"] = (self.step - self._first_step) / (time.perf_counter() - self._started)
         return scalars
+
+    def threshold_summary(self) -> dict[str, Any]:
+        """`thresholds` (per class) and `score_quantiles` (10/50/90 % of each class's teacher scores)."""
+        if self.thresholds is None:
+            return {"thresholds": {name: self.cfg.ssl.score_threshold for name in self.names.values()}}
+        quantiles = self.thresholds.quantiles()
+        return {"thresholds": {self.names[k]: float(self.thresholds.values[k]) for k in self.names},
+                "score_quantiles": {self.names[k]: quantiles[k - 1] for k in self.names}}
 
     def log(self, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
@@ -154,7 +192,7 @@ class TrainingRun:
         return {
             "teacher": last["teacher"], "student": last["student"], "steps": self.step,
             "skipped_steps": self.skipped_steps, "resumed_from_step": self.resumed_from_step,
-            **self.stats.summary(self.names),
+            **self.stats.summary(self.names), **self.threshold_summary(),
             "labeled_class_histogram": labeled_class_histogram(self.cfg.data.prepared, self.names),
             "history": [{"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"],
                          "student_AP": h["student"]["bbox"]["AP"]} for h in self.history],

@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -253,6 +252,9 @@ def _pseudo_batch(run: TrainingRun, rows: list[dict]) -> Batch:
             held_aside = {"boxes": torch.from_numpy(row["gt_boxes"].reshape(-1, 4)),
                           "labels": torch.from_numpy(row["gt_labels"])}
         run.stats.add(target, held_aside)
+        if run.rank == 0:  # rank 0 fits the thresholds it publishes
+            run.observe_scores([{"labels": torch.from_numpy(row["teacher_labels"]),
+                                 "scores": torch.from_numpy(row["teacher_scores"])}])
         run.stats.add_staleness(run.step - int(row["teacher_version"]))
         images.append(to_float(image))
         targets.append(target)
@@ -280,7 +282,7 @@ def train_loop_per_worker(config: dict) -> None:
         if run.in_mutual_learning():
             if fresh is None:  # the stream starts once the first teacher is in the store
                 if rank == 0:
-                    ray.get(publish(store, run.step, run.teacher))
+                    ray.get(publish(store, run.step, run.teacher, run.published_thresholds()))
                 _agree(True, device)
                 fresh = FreshRows(ray.train.get_dataset_shard(UNLABELED), cfg.ray.labeler_batch_size, ssl.max_staleness)
             rows = fresh.take(train.batch_size_unlabeled, run.step)
@@ -294,7 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
                          "stale_rows_dropped": fresh.dropped, "pseudo_wait_seconds": fresh.wait_seconds})
         run.train_step(_labeled_batch(next(labeled), run.with_masks), pseudo)
         if rank == 0 and run.step > ssl.burn_in_steps and (run.step - ssl.burn_in_steps) % ssl.publish_interval == 0:
-            publish(store, run.step, run.teacher)
+            publish(store, run.step, run.teacher, run.published_thresholds())
         if _periodic_report(run, fresh, rank):
             break
     _final_report(run, fresh, rank, store)

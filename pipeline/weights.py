@@ -24,13 +24,15 @@ class TeacherWeightStore:
     def __init__(self) -> None:
         self._version = NO_VERSION
         self._state_ref: ray.ObjectRef | None = None
+        self._thresholds: list[float] | None = None
         self._published_at = 0.0
         self._produced = self._consumed = self._gate_timeouts = 0
 
-    def publish(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Store a teacher taken at student step `version`; an older version never replaces a newer one."""
+    def publish(self, version: int, state: dict[str, torch.Tensor], thresholds: list[float] | None = None) -> int:
+        """Store a teacher taken at student step `version` (with its per-class thresholds, if adaptive);
+        an older version never replaces a newer one."""
         if version > self._version:
-            self._state_ref = ray.put(state)
+            self._state_ref, self._thresholds = ray.put(state), thresholds
             self._version, self._published_at = version, time.time()
         return self._version
 
@@ -53,9 +55,9 @@ class TeacherWeightStore:
     def counters(self) -> dict[str, int]:
         return {"produced": self._produced, "consumed": self._consumed, "gate_timeouts": self._gate_timeouts}
 
-    def latest(self) -> tuple[int, list[ray.ObjectRef]]:
+    def latest(self) -> tuple[int, list[ray.ObjectRef], list[float] | None]:
         # The ref travels inside a list so Ray hands over the reference, not the resolved value.
-        return self._version, [self._state_ref]
+        return self._version, [self._state_ref], self._thresholds
 
 
 def store_name(run_id: str) -> str:
@@ -67,7 +69,8 @@ def get_or_create_store(name: str) -> ray.actor.ActorHandle:
     return TeacherWeightStore.options(name=name, get_if_exists=True).remote()
 
 
-def publish(store: ray.actor.ActorHandle, version: int, teacher: torch.nn.Module) -> ray.ObjectRef:
+def publish(store: ray.actor.ActorHandle, version: int, teacher: torch.nn.Module,
+            thresholds: list[float] | None = None) -> ray.ObjectRef:
     """Non-blocking: training goes on while the store takes the copy."""
     state = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
-    return store.publish.remote(version, state)
+    return store.publish.remote(version, state, thresholds)

@@ -8,7 +8,6 @@ import time
 import urllib.request
 
 import mlflow
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
