@@ -51,8 +51,10 @@ class TrainingRun:
         self.with_masks = cfg.model.arch == "mask_rcnn"
         self.stats = PseudoLabelStats()
         ssl = cfg.ssl
-        self.thresholds = None if ssl.score_threshold != "auto" else AdaptiveThresholds(
-            len(categories), ssl.threshold_floor, ssl.threshold_ceiling, ssl.threshold_window)
+        # The teacher's score picture is kept in both modes; with `auto` the thresholds are fitted on it.
+        self.adaptive = ssl.score_threshold == "auto"
+        self.scores = AdaptiveThresholds(len(categories), ssl.threshold_floor, ssl.threshold_ceiling,
+                                         ssl.threshold_window)
         self.step, self.skipped_steps, self.history = 0, 0, []
         self.resumed_from_step: int | None = None
         self.sinks = sinks or []
@@ -75,7 +77,7 @@ class TrainingRun:
         return checkpoint_state(self.student, self.teacher, self.optimizer, self.scheduler, self.step,
                                 {"skipped_steps": self.skipped_steps, "stats": self.stats.state(),
                                  "history": json.dumps(self.history),
-                                 "thresholds": self.thresholds.state_dict() if self.thresholds else None})
+                                 "scores": self.scores.state_dict()})
 
     def restore(self, path: str | Path) -> None:
         state = load_checkpoint(path)
@@ -87,8 +89,8 @@ class TrainingRun:
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
         self.history = json.loads(state["history"])
-        if self.thresholds is not None and state.get("thresholds"):
-            self.thresholds.load_state_dict(state["thresholds"])
+        if state.get("scores"):
+            self.scores.load_state_dict(state["scores"])
         self._first_step = self.resumed_from_step = self.step
 
     # -- the algorithm -------------------------------------------------------------------------
@@ -99,19 +101,18 @@ class TrainingRun:
     @property
     def score_threshold(self) -> Threshold:
         """The user's fixed threshold, or the current per-class thresholds (`ssl.score_threshold: auto`)."""
-        return self.cfg.ssl.score_threshold if self.thresholds is None else self.thresholds.values
+        return self.scores.values if self.adaptive else self.cfg.ssl.score_threshold
 
     def published_thresholds(self) -> list[float] | None:
         """What labeler actors receive with the teacher weights (None: they keep the fixed threshold)."""
-        return None if self.thresholds is None else self.thresholds.values.tolist()
+        return self.scores.values.tolist() if self.adaptive else None
 
     def observe_scores(self, detections: list[dict[str, torch.Tensor]]) -> None:
         """Teacher scores on unlabeled images, before thresholding: what per-class thresholds are fitted on."""
-        if self.thresholds is not None:
-            for d in detections:
-                self.thresholds.observe(d["labels"], d["scores"])
-            if not self.thresholds.fitted:  # the first unlabeled batch: fit before thresholding it
-                self.thresholds.refit()
+        for d in detections:
+            self.scores.observe(d["labels"], d["scores"])
+        if self.adaptive and not self.scores.fitted:  # the first unlabeled batch: fit before thresholding it
+            self.scores.refit()
 
     def pseudo_label(self, weak_images: list[torch.Tensor], held_aside: list[dict | None]) -> Batch:
         """Local runner: the in-process teacher labels weak views; the student gets their strong views."""
@@ -136,8 +137,8 @@ class TrainingRun:
         self.scheduler.step()
         refresh_teacher(self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval,
                         ssl.ema_keep_rate)
-        if self.thresholds is not None and self.step % ssl.threshold_refit_interval == 0:
-            self.thresholds.refit()
+        if self.adaptive and self.step % ssl.threshold_refit_interval == 0:
+            self.scores.refit()
         if self.step % train.log_period == 0 or result.skipped:
             self.log({**result.losses, "total_loss": result.total, "lr": self.scheduler.get_last_lr()[0],
                       "skipped_steps": self.skipped_steps, **self._pseudo_label_scalars()})
@@ -151,17 +152,16 @@ class TrainingRun:
         total = sum(summary["pseudo_label_class_counts"].values())
         if total:
             scalars.update({f"pseudo_share/{name}": n / total for name, n in summary["pseudo_label_class_counts"].items()})
-        if self.thresholds is not None:
-            scalars.update({f"threshold/{self.names[k]}": float(self.thresholds.values[k]) for k in self.names})
+        if self.adaptive:
+            scalars.update({f"threshold/{self.names[k]}": float(self.scores.values[k]) for k in self.names})
         scalars["train_steps_per_s"] = (self.step - self._first_step) / (time.perf_counter() - self._started)
         return scalars
 
     def threshold_summary(self) -> dict[str, Any]:
         """`thresholds` (per class) and `score_quantiles` (10/50/90 % of each class's teacher scores)."""
-        if self.thresholds is None:
-            return {"thresholds": {name: self.cfg.ssl.score_threshold for name in self.names.values()}}
-        quantiles = self.thresholds.quantiles()
-        return {"thresholds": {self.names[k]: float(self.thresholds.values[k]) for k in self.names},
+        quantiles = self.scores.quantiles()
+        threshold = self.score_threshold
+        return {"thresholds": {self.names[k]: float(threshold[k] if self.adaptive else threshold) for k in self.names},
                 "score_quantiles": {self.names[k]: quantiles[k - 1] for k in self.names}}
 
     def log(self, metrics: dict[str, float]) -> None:
@@ -178,6 +178,10 @@ class TrainingRun:
         self.history.append(entry)
         if self.tracker is not None and self.last_pseudo is not None:
             self.tracker.log_pseudo_label_grid(self.step, *self.last_pseudo, self.names)
+        if self.tracker is not None:
+            self.tracker.log_score_histograms(self.step, {self.names[k]: list(w) for k, w in
+                                                          zip(sorted(self.names), self.scores.windows)},
+                                              self.threshold_summary()["thresholds"])
         flat = {f"{who}/{iou}/{k}": v for who in ("teacher", "student") for iou, d in entry[who].items()
                 for k, v in d.items() if k != "per_class" and v is not None}
         self.log(flat)

@@ -62,6 +62,23 @@ def pseudo_label_distribution(pseudo_counts: dict[str, int], labeled_hist: dict[
                          {"pseudo-labels": shares(pseudo_counts), "labeled prior": shares(labeled_hist)})
 
 
+def score_histograms(scores: dict[str, list[float]], thresholds: dict[str, float]) -> Figure:
+    """Per class, the teacher's scores on unlabeled images and the threshold applied to them."""
+    names = list(scores)
+    cols = min(4, max(len(names), 1))
+    rows = math.ceil(len(names) / cols) or 1
+    fig = Figure(figsize=(3.0 * cols, 2.4 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.hist(scores[name], bins=np.linspace(0, 1, 41), color="tab:blue")
+        ax.axvline(thresholds[name], color="tab:red", linestyle="--")
+        ax.set_title(f"{name} (n={len(scores[name])}, t={thresholds[name]:.2f})", fontsize=9)
+        ax.set_xlim(0, 1)
+    fig.suptitle("Teacher scores on unlabeled images and pseudo-label thresholds")
+    return fig
+
+
 def _draw(image: Tensor, target: dict[str, Tensor], names: dict[int, str]) -> Tensor:
     canvas = (image.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
     if canvas.shape[0] == 1:

@@ -113,6 +113,12 @@ class Tracker:
         grid = plots.pseudo_label_grid(images[:keep], targets[:keep], names)
         self._client.log_image(self.run_id, grid, artifact_file=f"pseudo_labels/step_{step:06d}.png")
 
+    def log_score_histograms(self, step: int, scores: dict[str, list[float]], thresholds: dict[str, float]) -> None:
+        """The teacher's score picture as score_histograms/step_NNNNNN.png."""
+        if self.run_id is not None and any(scores.values()):
+            self._client.log_figure(self.run_id, plots.score_histograms(scores, thresholds),
+                                    f"score_histograms/step_{step:06d}.png")
+
     def finish(self, metrics: dict, teacher: torch.nn.Module | None, status: str = "FINISHED") -> None:
         """Log metrics.json, final summary metrics, plots and the teacher model; end the run with `status`."""
         if self.run_id is None:

@@ -68,6 +68,8 @@ def store(tmp_path_factory):
             tracker(step, {"loss/total": 1.0 / step, "lr": 0.01, "nan": math.nan, "none": None, "text": "x"})
         images, targets = _pseudo_labels()
         tracker.log_pseudo_label_grid(20, images, targets, NAMES)
+        tracker.log_score_histograms(20, {"cat": [0.1, 0.2, 0.9], "dog": [0.4], "bird": []},
+                                     {"cat": 0.6, "dog": 0.5, "bird": 0.5})
         torch.manual_seed(0)
         tracker.finish(_final_metrics(), build_detector(3, backbone="tiny", min_size=(96,)))
         assert tracker.run_id is None
@@ -110,7 +112,7 @@ def test_run_has_params_metrics_and_tags(store):
 def test_run_artifacts(store):
     client, run_id = store["client"], store["run_id"]
     artifacts = set(_artifacts(client, run_id))
-    assert {"config.yaml", "split.json", "metrics.json", "pseudo_labels/step_000020.png",
+    assert {"config.yaml", "split.json", "metrics.json", "pseudo_labels/step_000020.png", "score_histograms/step_000020.png",
             "plots/per_class_ap_bbox.png", "plots/pseudo_label_distribution.png"} <= artifacts
     local = Path(client.download_artifacts(run_id, "metrics.json", str(store["tmp"])))
     assert json.loads(local.read_text())["teacher"]["bbox"]["per_class"]["dog"] is None
