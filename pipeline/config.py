@@ -157,7 +157,7 @@ def _default_space() -> dict[str, SearchDim]:
     return {
         "ssl.burn_in_steps": SearchDim(type="choice", values=[500, 1000, 2000]),
         "ssl.unsup_loss_weight": SearchDim(type="uniform", low=1.0, high=4.0),
-        "ssl.score_threshold": SearchDim(type="uniform", low=0.5, high=0.9),
+        "ssl.score_threshold": SearchDim(type="choice", values=[0.6, 0.7, 0.8, 0.9, "auto"]),
         "ssl.ema_keep_rate": SearchDim(type="choice", values=[0.99, 0.999, 0.9996]),
         "ssl.teacher_update_interval": SearchDim(type="choice", values=[1, 2, 4]),
         "train.lr": SearchDim(type="loguniform", low=0.002, high=0.04),
