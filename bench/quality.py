@@ -66,9 +66,9 @@ def _config(args: argparse.Namespace, prepared: Path, seed: int, out: Path, step
         f"data.eval_images={args.eval_images}", f"model.arch={args.arch}", "train.backend=local",
         "tracking.enabled=false", f"train.log_period={max(1, args.steps // 4)}",
     ]
-    if method == "supervised":
-        overrides.append("ssl.unsup_loss_weight=0")
-    return load_config(args.config, overrides + args.set)
+    # The method's own setting comes last: a --set of the SSL weight must not turn the baseline into UT.
+    method_overrides = ["ssl.unsup_loss_weight=0"] if method == "supervised" else []
+    return load_config(args.config, overrides + args.set + method_overrides)
 
 
 def _cell_dir(args: argparse.Namespace, root: Path, percent: float, seed: int, what: str) -> Path:

@@ -30,6 +30,7 @@ def test_job_submitted_to_a_head_node_trains_on_ray(prepared, tmp_path):
             [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
              "python", "-m", "pipeline.cli", "train", "--config", "configs/demo.yaml",
              "--set", f"data.prepared={prepared}", "--set", "train.steps=5", "--set", "ssl.burn_in_steps=3",
+             "--set", "model.backbone=tiny", "--set", "model.pretrained=none",  # the submission is tested, not the model
              "--set", "model.min_size=[128]", "--set", "model.rois_per_image=32", "--set", "data.eval_images=4",
              "--set", "ray.cpus_per_worker=0.5", "--set", "ray.cpus_per_labeler=0.25", "--set", "ssl.max_staleness=8",
              "--set", "tracking.enabled=false", "--output", str(out)],
