@@ -87,9 +87,12 @@ def _burn_in(args: argparse.Namespace, root: Path, prepared: Path, percent: floa
     shape = [args.config, args.arch, args.burn_in, args.eval_images, *(o for o in args.set if not o.startswith("ssl."))]
     key = hashlib.sha1(json.dumps(shape).encode()).hexdigest()[:8]
     out = root / "runs" / "burn_in" / f"{args.arch}_p{percent:g}_s{seed}_b{args.burn_in}_{key}"
-    started = time.perf_counter()
-    metrics = train_local(_config(args, prepared, seed, out, args.burn_in, "supervised"))
-    return {"checkpoint": out / CHECKPOINT_NAME, "seconds": round(time.perf_counter() - started, 1),
+    done = out / "metrics.json"
+    if done.exists():  # an earlier grid ran this burn-in: reuse it, with the minutes it took then
+        metrics = json.loads(done.read_text())
+    else:
+        metrics = train_local(_config(args, prepared, seed, out, args.burn_in, "supervised"))
+    return {"checkpoint": out / CHECKPOINT_NAME, "seconds": round(metrics["seconds"], 1),
             "teacher_AP": metrics["teacher"]["bbox"]["AP"]}
 
 
