@@ -62,7 +62,7 @@ def _mean_ap(per_class: dict[str, float | None], names: list[str]) -> float:
 def _config(args: argparse.Namespace, prepared: Path, seed: int, out: Path, steps: int, method: str) -> Config:
     overrides = [
         f"data.prepared={prepared}", f"train.output_dir={out}", f"train.steps={steps}",
-        f"ssl.burn_in_steps={args.burn_in}", f"train.seed={seed}", f"train.eval_period={args.steps}",
+        f"ssl.burn_in_steps={args.burn_in}", f"train.seed={seed}", f"train.eval_period={args.eval_period or args.steps}",
         f"data.eval_images={args.eval_images}", f"model.arch={args.arch}", "train.backend=local",
         "tracking.enabled=false", f"train.log_period={max(1, args.steps // 4)}",
     ]
@@ -112,7 +112,7 @@ def _cell(args: argparse.Namespace, root: Path, prepared: Path, percent: float, 
             "rare_AP": _mean_ap(metrics["teacher"]["bbox"]["per_class"], rare), "rare_classes": rare,
             "pseudo_labels_per_image": metrics["pseudo_labels_per_image"],
             "pseudo_label_precision": metrics["pseudo_label_precision"],
-            "pseudo_label_recall": metrics["pseudo_label_recall"]}
+            "pseudo_label_recall": metrics["pseudo_label_recall"], "history": metrics["history"]}
 
 
 def _table(rows: list[dict]) -> str:
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--burn-in", type=int, default=400)
     parser.add_argument("--eval-images", type=int, default=200)
+    parser.add_argument("--eval-period", type=int, default=0, help="steps between evaluations (default: at the end)")
     parser.add_argument("--arch", default="faster_rcnn", choices=["faster_rcnn", "mask_rcnn"])
     parser.add_argument("--methods", nargs="+", default=["supervised", "unbiased_teacher"])
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (processes; e.g. on one GPU)")

@@ -50,13 +50,14 @@ def unbiased_teacher_step(
 ) -> StepResult:
     """One student update. `pseudo_labeled` holds strong views with the teacher's boxes (None in burn-in).
 
+    With `unsup_loss_weight` 0 (the supervised baseline) the pseudo-labeled batch is not trained on at all.
     A non-finite loss or gradient skips the update: it is reported, and never reaches the weights.
     """
     student.train()
     sup = student(labeled.images, labeled.targets)
     total = sum(sup.values())
     logged = {f"sup/{k}": v for k, v in sup.items()}
-    if pseudo_labeled is not None:
+    if pseudo_labeled is not None and unsup_loss_weight > 0:
         unsup_terms = student(pseudo_labeled.images, pseudo_labeled.targets)
         unsup = unsupervised_loss(unsup_terms, use_mask=unsup_mask_loss)
         total = total + unsup_loss_weight * unsup

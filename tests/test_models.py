@@ -111,6 +111,21 @@ def test_empty_pseudo_labels_give_a_finite_loss(arch):
     assert math.isfinite(result.losses["unsup/total"])
 
 
+def test_weight_zero_step_is_a_supervised_step_and_never_trains_on_the_pseudo_batch():
+    labeled = Batch(_images(2), [_target([[10, 10, 40, 50]], [1]), _target([[20, 5, 60, 30]], [3])])
+    pseudo = Batch(_images(2), [_target([[5, 5, 30, 30]], [2]), _target([[40, 40, 90, 90]], [1])])
+    weights = []
+    for batch in (pseudo, None):
+        torch.manual_seed(0)
+        model = build_detector(3, backbone="tiny", min_size=(96,), max_size=128, rois_per_image=32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        torch.manual_seed(1)
+        result = unbiased_teacher_step(model, opt, labeled, batch, 0.0)
+        assert not any(k.startswith("unsup/") for k in result.losses)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_unsupervised_loss_drops_box_regression_but_keeps_the_graph():
     w = torch.tensor(2.0, requires_grad=True)
     losses = {"loss_objectness": w * 1, "loss_classifier": w * 2, "loss_box_reg": w * 100, "loss_rpn_box_reg": w * 100}
