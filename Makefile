@@ -6,7 +6,7 @@ DEMO_DATA := data/demo
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test bench-quality clean
+.PHONY: setup demo test test-fast bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: $(DEMO_DATA)/prepared/split.json
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup  # the unit tests: no Ray, no MLflow server, no end-to-end training
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(DEMO_DATA) runs mlflow.db mlruns

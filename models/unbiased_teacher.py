@@ -31,12 +31,21 @@ class StepResult:
     skipped: bool = False
 
 
+def all_ranks_agree(flag: bool, device: torch.device, any_rank: bool = False) -> bool:
+    """One decision for every DDP rank: all of them (or, with `any_rank`, any of them) said yes.
+
+    Ranks that decided apart would wait for each other in the next all-reduce forever.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX if any_rank else dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
+
+
 def _all_ranks_finite(value: Tensor) -> bool:
-    """A skipped step must be skipped on every DDP rank, or the others wait in all-reduce forever."""
-    finite = torch.isfinite(value.detach()).to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item() > 0)
+    """A skipped step must be skipped on every DDP rank."""
+    return all_ranks_agree(bool(torch.isfinite(value.detach()).all()), value.device)
 
 
 def unbiased_teacher_step(

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.ema import keep_rate_from_span
 from models.pretrained import check_supported
 from pipeline.errors import InputError
 
@@ -81,7 +82,7 @@ class SSLConfig(_Section):
         if self.ema_span is not None:
             if "ema_keep_rate" in self.model_fields_set:
                 raise ValueError("ssl.ema_keep_rate and ssl.ema_span are two spellings of one value: give one")
-            object.__setattr__(self, "ema_keep_rate", 1.0 - 2.0 / (self.ema_span + 1))
+            object.__setattr__(self, "ema_keep_rate", keep_rate_from_span(self.ema_span))
         if self.threshold_floor > self.threshold_ceiling:
             raise ValueError(f"ssl.threshold_floor ({self.threshold_floor}) exceeds ssl.threshold_ceiling "
                              f"({self.threshold_ceiling})")

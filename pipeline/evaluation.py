@@ -9,8 +9,10 @@ from torch import nn
 
 from models.ema import unwrap
 from pipeline.augment import to_float
+from pipeline.config import Config
 from pipeline.data import decode_image_bytes, read_rows
 from pipeline.errors import InputError
+from pipeline.readers import load_categories
 from pipeline.schema import VAL_DIR, VAL_GT_FILE
 from pipeline.scoring import score_coco, to_coco_results
 
@@ -30,6 +32,13 @@ class Evaluator:
         self.label_to_category = label_to_category
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.batch_size = batch_size
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Evaluator":
+        """The validation split of `cfg.data.prepared`, scored for what `cfg.model.arch` predicts."""
+        categories = load_categories(cfg.data.prepared)
+        return cls(cfg.data.prepared, {c["label"]: c["id"] for c in categories}, cfg.model.arch == "mask_rcnn",
+                   max_images=cfg.data.eval_images)
 
     def __call__(self, model: nn.Module, device: torch.device) -> dict:
         model = unwrap(model)

@@ -36,7 +36,8 @@ def credit_window(cfg: Config) -> int:
     return max(in_flight, (ssl.max_staleness - ssl.publish_interval) * per_step)
 
 
-def _rows(batch: Batch) -> list[dict[str, Any]]:
+def batch_rows(batch: Batch) -> list[dict[str, Any]]:
+    """A Ray Data numpy batch (columns) -> its rows."""
     n = len(batch["image_id"])
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
@@ -61,7 +62,7 @@ def labeled_views(batch: Batch, *, with_masks: bool, flip_prob: float) -> Batch:
     """Labeled rows -> weak and strong uint8 views with their (flipped) boxes, labels and masks."""
     weak = weak_transform(flip_prob)
     out: dict[str, list] = {"image_id": [], "weak": [], "strong": [], "boxes": [], "labels": [], "masks": []}
-    for row in _rows(batch):
+    for row in batch_rows(batch):
         image, target = weak(*decode_row(row, with_masks))
         out["image_id"].append(row["image_id"])
         out["weak"].append(image.numpy())
@@ -112,7 +113,7 @@ class TeacherLabeler:
         self._refresh_weights()
         self.batches += 1
         started = time.perf_counter()
-        samples = [self.weak(*decode_row(row)) for row in _rows(batch)]
+        samples = [self.weak(*decode_row(row)) for row in batch_rows(batch)]
         images = [to_float(image).to(self.device) for image, _ in samples]
         detections = teacher_detections(self.model, images)
         kept = [filter_detections(d, self.threshold) for d in detections]
@@ -122,6 +123,7 @@ class TeacherLabeler:
             "image": [image.numpy() for image, _ in samples],
             "pl_boxes": [_flat(k["boxes"].cpu()) for k in kept],
             "pl_labels": [k["labels"].cpu().numpy() for k in kept],
+            "pl_scores": [k["scores"].cpu().numpy().astype(np.float32) for k in kept],
             "pl_masks": [encode_masks(k["masks"]) if self.with_masks else [] for k in kept],
             "gt_boxes": [_flat(t["boxes"]) for _, t in samples],
             "gt_labels": [t["labels"].numpy() for _, t in samples],
@@ -135,6 +137,7 @@ class TeacherLabeler:
 
 
 def add_strong_views(batch: Batch) -> Batch:
-    """The student's input: photometric/erasing on top of the weak view, made on Ray Data's CPUs."""
-    batch["image"] = [strong_view(torch.from_numpy(image)).numpy() for image in batch["image"]]
+    """The student's input: photometric/erasing on top of the weak view (`image`, kept for the picture of the
+    teacher's boxes), made on Ray Data's CPUs."""
+    batch["strong"] = [strong_view(torch.from_numpy(image)).numpy() for image in batch["image"]]
     return batch

@@ -1,23 +1,24 @@
-"""The training run around the step: teacher schedule, logging, evaluation, checkpoints, metrics.json.
+"""The training run around the step: the schedule, teacher refresh, logging, evaluation, checkpoints.
 
-Both runners drive a `TrainingRun`: the local one in-process, the Ray one on every train worker
-(rank 0 alone evaluates, checkpoints and writes metrics).
+`TrainingRun.run` is the one loop of both runners. A runner plugs in a `Feed`: the local one its
+in-process streams and teacher, the Ray one its dataset shards, weight store and `ray.train.report`
+(on every train worker; rank 0 alone evaluates, checkpoints and writes metrics).
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
-from models.pseudo_labels import Threshold, filter_detections, teacher_detections
+from models.ema import unwrap
+from models.pseudo_labels import Threshold
 from models.thresholds import AdaptiveThresholds
 from models.unbiased_teacher import (
     Batch, StepResult, in_mutual_learning, refresh_teacher, unbiased_teacher_step, without_scores,
 )
-from pipeline.augment import strong_view, to_float, to_model_target
 from pipeline.config import Config, dump_config
 from pipeline.evaluation import Evaluator
 from pipeline.readers import load_categories
@@ -27,6 +28,28 @@ from pipeline.session import (
 )
 
 MetricsSink = Callable[[int, dict[str, float]], None]
+
+
+class Feed(Protocol):
+    """What a runner plugs into `TrainingRun.run`."""
+
+    def labeled_batch(self) -> Batch:
+        """Labeled images in both views."""
+
+    def pseudo_batch(self, run: "TrainingRun") -> Batch | None:
+        """Strong views with the teacher's kept boxes (built with `run.pseudo_batch`); None: the stream ran dry."""
+
+    def after_step(self, run: "TrainingRun") -> None:
+        """E.g. publish the refreshed teacher to labeler actors."""
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether any train worker says yes (so all stop together); the flag itself in one process."""
+
+    def checkpoint(self, run: "TrainingRun") -> None:
+        """Save `run.state()` (every rank calls it; Ray Train takes rank 0's)."""
+
+    def finish(self, run: "TrainingRun") -> dict[str, Any]:
+        """The last evaluation, checkpoint and metrics.json; returns the metrics."""
 
 
 CONSOLE_DETAIL = ("pseudo_share/", "/AP75", "/APs", "/APm", "/APl")  # per-class shares and per-size APs
@@ -55,15 +78,14 @@ class TrainingRun:
         self.adaptive = ssl.score_threshold == "auto"
         self.scores = AdaptiveThresholds(len(categories), ssl.threshold_floor, ssl.threshold_ceiling,
                                          ssl.threshold_window)
-        self.step, self.skipped_steps, self.history = 0, 0, []
+        self.step, self.skipped_steps, self.history, self.checkpoint_steps = 0, 0, [], []
         self.resumed_from_step: int | None = None
         self.sinks = sinks or []
         self.evaluator, self.tracker, self.last_pseudo = None, None, None
         if rank == 0:  # rank 0 alone evaluates and talks to MLflow
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
-            self.evaluator = Evaluator(cfg.data.prepared, {c["label"]: c["id"] for c in categories},
-                                       self.with_masks, max_images=cfg.data.eval_images)
+            self.evaluator = Evaluator.from_config(cfg)
             if cfg.tracking.enabled:
                 from pipeline.tracking import Tracker  # MLflow is imported only by tracked runs
 
@@ -72,23 +94,45 @@ class TrainingRun:
                 self.sinks.append(self.tracker)
         self._started, self._first_step = time.perf_counter(), 0
 
+    def run(self, feed: Feed) -> dict[str, Any]:
+        """pseudo-label -> step -> teacher refresh -> publish -> evaluate -> checkpoint, until the last step
+        or `train.target_ap`."""
+        train = self.cfg.train
+        while self.step < train.steps:
+            mutual = self.in_mutual_learning()
+            pseudo = feed.pseudo_batch(self) if mutual else None
+            if feed.any_rank(mutual and pseudo is None):
+                break  # the unlabeled stream ran dry
+            self.train_step(feed.labeled_batch(), pseudo)
+            feed.after_step(self)
+            evaluate = self.should_evaluate()
+            if evaluate and self.rank == 0:
+                self.evaluate()
+            if self.step % train.checkpoint_period == 0 and self.step < train.steps:
+                self.checkpoint_steps.append(self.step)
+                feed.checkpoint(self)
+            if evaluate and feed.any_rank(self.rank == 0 and self.target_reached()):
+                break
+        return feed.finish(self)
+
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return checkpoint_state(self.student, self.teacher, self.optimizer, self.scheduler, self.step,
                                 {"skipped_steps": self.skipped_steps, "stats": self.stats.state(),
                                  "history": json.dumps(self.history),
+                                 "checkpoint_steps": json.dumps(self.checkpoint_steps),
                                  "scores": self.scores.state_dict()})
 
     def restore(self, path: str | Path) -> None:
         state = load_checkpoint(path)
-        target = getattr(self.student, "module", self.student)
-        target.load_state_dict(state["student"])
+        unwrap(self.student).load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
         self.history = json.loads(state["history"])
+        self.checkpoint_steps = json.loads(state.get("checkpoint_steps", "[]"))
         if state.get("scores"):
             self.scores.load_state_dict(state["scores"])
         self._first_step = self.resumed_from_step = self.step
@@ -114,16 +158,14 @@ class TrainingRun:
         if self.adaptive and not self.scores.fitted:  # the first unlabeled batch: fit before thresholding it
             self.scores.refit()
 
-    def pseudo_label(self, weak_images: list[torch.Tensor], held_aside: list[dict | None]) -> Batch:
-        """Local runner: the in-process teacher labels weak views; the student gets their strong views."""
-        images = [to_float(image).to(self.device) for image in weak_images]
-        detections = teacher_detections(self.teacher, images)
-        self.observe_scores(detections)
-        targets = [filter_detections(d, self.score_threshold) for d in detections]
-        for target, gt in zip(targets, held_aside):
-            self.stats.add(target, None if gt is None else to_model_target(gt))
-        self.last_pseudo = (images, targets)
-        return Batch([strong_view(i) for i in images], [without_scores(t) for t in targets])
+    def pseudo_batch(self, weak: list[torch.Tensor], strong: list[torch.Tensor], kept: list[dict[str, torch.Tensor]],
+                     held_aside: list[dict[str, torch.Tensor] | None]) -> Batch:
+        """Both runners' pseudo-labeled batch: the teacher's kept boxes (with scores) on the weak views are counted
+        against the held-aside labels and kept for the picture; the student gets the strong views."""
+        for target, gt in zip(kept, held_aside):
+            self.stats.add(target, gt)
+        self.last_pseudo = (weak, kept)
+        return Batch(strong, [without_scores(t) for t in kept])
 
     def train_step(self, labeled: Batch, pseudo_labeled: Batch | None) -> StepResult:
         ssl, train = self.cfg.ssl, self.cfg.train
@@ -200,6 +242,7 @@ class TrainingRun:
             "labeled_class_histogram": labeled_class_histogram(self.cfg.data.prepared, self.names),
             "history": [{"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"],
                          "student_AP": h["student"]["bbox"]["AP"]} for h in self.history],
+            "checkpoint_steps": self.checkpoint_steps,  # the periodic ones; the last step always has one
             "seconds": (seconds := time.perf_counter() - self._started),
             "train_steps_per_s": (self.step - self._first_step) / seconds,
         }

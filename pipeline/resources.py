@@ -74,6 +74,9 @@ class ResourcePlan:
 
 def plan_resources(cfg: Config) -> ResourcePlan:
     r = cfg.ray
+    if cfg.train.device.startswith("cuda") and r.gpus_per_worker == 0:
+        raise InputError(f"train.device={cfg.train.device} but ray.gpus_per_worker=0: the Ray Train workers would "
+                         "train on CPU; set ray.gpus_per_worker (e.g. 1) or train.device=auto")
     return ResourcePlan(
         train_cpus=r.num_workers * r.cpus_per_worker, train_gpus=r.num_workers * r.gpus_per_worker,
         labeler_cpus=r.num_labelers * r.cpus_per_labeler, labeler_gpus=r.num_labelers * r.gpus_per_labeler,
@@ -105,7 +108,12 @@ def start_ray(cfg: Config, plan: ResourcePlan) -> None:
         if address:
             ray.init(address=address)
         else:
-            num_cpus = cfg.ray.num_cpus or max(math.ceil(plan.cpus), os.cpu_count() or 1)
+            cores = os.cpu_count() or 1
+            if not cfg.ray.num_cpus and cfg.ray.num_workers > cores:
+                raise InputError(f"ray.num_workers={cfg.ray.num_workers} DDP workers on a local Ray of a {cores}-core "
+                                 "machine would each run a full student: lower ray.num_workers, or set "
+                                 "ray.num_cpus to size the local Ray yourself")
+            num_cpus = cfg.ray.num_cpus or max(math.ceil(plan.cpus), cores)
             os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)  # the local Ray's processes inherit it
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     check_fits(plan, ray.cluster_resources())

@@ -16,7 +16,7 @@ from models.builders import WeightsFileError, build_detector
 from models.ema import unwrap
 from models.pretrained import PretrainedWeightsError
 from models.unbiased_teacher import Batch
-from pipeline.augment import strong_view, to_float, to_model_target
+from pipeline.augment import to_float
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.schema import LABELED_DIR
@@ -30,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"train.device={name}: CUDA is not available on this machine")
     if name == "cpu":
-        torch.set_flush_denormal(True)  # denormals made single CPU steps 10-30x slower (DESIGN field notes)
+        torch.set_flush_denormal(True)  # denormals made single CPU steps 10-30x slower (measured on these machines)
     return torch.device(name)
 
 
@@ -57,11 +57,10 @@ def build_optimizer(cfg: Config, student: nn.Module) -> tuple[torch.optim.Optimi
     return optimizer, scheduler
 
 
-def labeled_batch(samples: list[tuple[Tensor, dict]]) -> Batch:
-    """Labeled images in both views (weak and strong), as the reference implementation trains them."""
-    weak = [to_float(image) for image, _ in samples]
-    targets = [to_model_target(t) for _, t in samples]
-    images = weak + [strong_view(image) for image in weak]
+def labeled_batch(samples: list[tuple[Tensor, Tensor, dict[str, Tensor]]]) -> Batch:
+    """(weak view, strong view, target) triples -> both views of every image, as the reference trains them."""
+    images = [to_float(weak) for weak, _, _ in samples] + [to_float(strong) for _, strong, _ in samples]
+    targets = [target for _, _, target in samples]
     return Batch(images, targets + targets)
 
 

@@ -47,6 +47,9 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 class Tracker:
     def __init__(self, cfg: Config, run_dir: str | Path, *, run_name: str | None = None,
                  parent_run_id: str | None = None, tags: dict | None = None):
@@ -83,7 +86,8 @@ class Tracker:
         if found is not None:
             return found.experiment_id
         try:
-            return self._client.create_experiment(name)
+            # MLflow 3's UI opens an untagged experiment on its GenAI overview; this kind opens it on the runs.
+            return self._client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException as exc:  # another process (a Tune trial) created it meanwhile
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise

@@ -42,6 +42,4 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, which: str = "teach
     except (KeyError, RuntimeError) as exc:
         raise InputError(f"{checkpoint}: its {which} does not fit model.* of this config "
                          f"({str(exc).splitlines()[0]})") from None
-    evaluator = Evaluator(cfg.data.prepared, {c["label"]: c["id"] for c in categories},
-                          cfg.model.arch == "mask_rcnn", max_images=cfg.data.eval_images)
-    return evaluator(model, device)
+    return Evaluator.from_config(cfg)(model, device)

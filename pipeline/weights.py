@@ -19,14 +19,25 @@ import torch
 NO_VERSION = -1
 
 
-@ray.remote(num_cpus=0)
-class TeacherWeightStore:
+class WeightStore:
+    """The store's logic; `TeacherWeightStore` is this class as a Ray actor."""
+
     def __init__(self) -> None:
+        self._gate_timeouts = 0
+        self.begin_attempt()
+
+    def begin_attempt(self) -> None:
+        """A (re)started worker group: its teacher versions and its labelers' credit start afresh.
+
+        After a train-worker restart the run resumes from an older step, and Ray Data re-executes the
+        streams with new labelers: the last attempt's newer version would win over every new publish, and
+        its produced/consumed counts would make every labeler wait out the gate.
+        """
         self._version = NO_VERSION
         self._state_ref: ray.ObjectRef | None = None
         self._thresholds: list[float] | None = None
         self._published_at = 0.0
-        self._produced = self._consumed = self._gate_timeouts = 0
+        self._produced = self._consumed = 0
 
     def publish(self, version: int, state: dict[str, torch.Tensor], thresholds: list[float] | None = None) -> int:
         """Store a teacher taken at student step `version` (with its per-class thresholds, if adaptive);
@@ -58,6 +69,9 @@ class TeacherWeightStore:
     def latest(self) -> tuple[int, list[ray.ObjectRef], list[float] | None]:
         # The ref travels inside a list so Ray hands over the reference, not the resolved value.
         return self._version, [self._state_ref], self._thresholds
+
+
+TeacherWeightStore = ray.remote(num_cpus=0)(WeightStore)
 
 
 def store_name(run_id: str) -> str:

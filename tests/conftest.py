@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,13 @@ def tiny_config(prepared: Path, output: Path, *overrides: str) -> Config:
         "train.warmup_steps=2", "tracking.enabled=false", "train.device=cpu",
     ]
     return load_config(ROOT / "configs" / "demo.yaml", base + list(overrides))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 PRETRAINED = ("model.backbone=efficientnet_lite0_fpn", "model.pretrained=imagenet")  # the demo's model

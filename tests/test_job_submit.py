@@ -1,25 +1,22 @@
 """`ray job submit --working-dir .` against a `ray start --head` cluster on this machine."""
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow  # a Ray head node and a submitted job
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_job_submitted_to_a_head_node_trains_on_ray(prepared, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--temp-dir={tempfile.mkdtemp(prefix='ray')}"],  # short: socket paths
                    check=True, env=env, timeout=180,

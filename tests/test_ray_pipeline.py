@@ -5,6 +5,7 @@ import pytest
 
 from conftest import PRETRAINED, tiny_config
 from pipeline.errors import InputError
+from pipeline.local import train_local
 from pipeline.ray_train import train_ray
 from pipeline.resources import plan_resources, start_ray
 
@@ -13,6 +14,7 @@ RAY_SETTINGS = ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.num_labeler
                 "train.eval_period=7", "train.checkpoint_period=7", "train.batch_size_unlabeled=1"]
 
 
+@pytest.mark.slow
 def test_two_workers_two_labelers_bounded_staleness_and_resume(ray_cluster, prepared, tmp_path):
     # Credit window: max(in flight 1 x (2 labelers + 1 + 2 x 2 workers), (6 - 2) x 2 rows) = 8 rows = 4 steps,
     # so the 10 mutual-learning steps must see teachers published after the first.
@@ -27,11 +29,19 @@ def test_two_workers_two_labelers_bounded_staleness_and_resume(ray_cluster, prep
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["staleness_max"] == metrics["staleness_max"] and "bbox" in written["teacher"]
     assert list((tmp_path / "run" / "ray").rglob("checkpoint.pt")), "no checkpoint reported"
+    assert (tmp_path / "run" / "checkpoint.pt").exists(), "the run directory has no checkpoint.pt"
+
+    # One schedule for both runners: the same config run locally evaluates and checkpoints at the same steps.
+    local = train_local(cfg.with_overrides({"train.backend": "local", "train.output_dir": str(tmp_path / "local")}))
+    for key in ("steps", "checkpoint_steps"):
+        assert local[key] == metrics[key], key
+    assert [h["step"] for h in local["history"]] == [h["step"] for h in metrics["history"]] == [7, 14]
 
     resumed = train_ray(cfg.with_overrides({"train.steps": 16}))
     assert resumed["resumed_from_step"] == 14 and resumed["steps"] == 16
 
 
+@pytest.mark.slow
 def test_an_unschedulable_plan_is_refused_up_front(ray_cluster, prepared, tmp_path):
     cfg = tiny_config(prepared, tmp_path / "big", "ray.num_workers=8", "ray.cpus_per_worker=1")
     with pytest.raises(InputError, match="needs 11 CPUs"):

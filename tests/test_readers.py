@@ -17,6 +17,9 @@ from pipeline.prepare import prepare
 from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
 
 
+pytestmark = pytest.mark.slow  # a real local Ray
+
+
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     with pytest.MonkeyPatch.context() as env:

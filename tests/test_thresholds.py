@@ -51,6 +51,7 @@ def test_thresholds_survive_a_checkpoint_round_trip(prepared, tmp_path):
     assert resumed["thresholds"] == first["thresholds"] and resumed["score_quantiles"] == first["score_quantiles"]
 
 
+@pytest.mark.slow
 def test_published_thresholds_reach_the_labeler_with_the_weights(ray_cluster, prepared, tmp_path):
     from pipeline.data import read_rows
     from pipeline.labeler import TeacherLabeler

@@ -107,6 +107,8 @@ def test_run_has_params_metrics_and_tags(store):
     assert run.data.metrics["final/student/bbox/AP50"] == 20.0
     assert run.data.metrics["final/steps"] == 30
     assert "final/teacher/bbox/APs" not in run.data.metrics
+    experiment = store["client"].get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
 
 
 def test_run_artifacts(store):

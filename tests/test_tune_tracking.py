@@ -1,21 +1,22 @@
 """MLflow tracking read back from real stores, and a real 2-trial Ray Tune search."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import mlflow
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, free_port, tiny_config
 from pipeline.local import train_local
 from tune.driver import run_search
 
 
+@pytest.mark.slow
 def test_a_tracked_run_has_params_histories_pictures_and_a_registered_teacher(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow puts artifacts beside the working directory
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -38,6 +39,7 @@ def test_a_tracked_run_has_params_histories_pictures_and_a_registered_teacher(pr
     assert set(out) >= {"boxes", "labels", "scores"}
 
 
+@pytest.mark.slow
 def test_two_trial_search_nests_runs_and_writes_a_trainable_best_config(ray_cluster, prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -63,14 +65,9 @@ def test_two_trial_search_nests_runs_and_writes_a_trainable_best_config(ray_clus
     assert json.loads((tmp_path / "from_best" / "metrics.json").read_text())["steps"] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_training_against_an_mlflow_server_is_found_through_the_rest_api(prepared, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",

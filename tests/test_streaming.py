@@ -1,0 +1,69 @@
+"""The pieces between labelers and trainers, without Ray: fresh rows, the credit gate, the weight store, the plan."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from pipeline.config import load_config
+from pipeline.errors import InputError
+from pipeline.labeler import credit_window
+from pipeline.ray_worker import FreshRows
+from pipeline.resources import plan_resources, start_ray
+from pipeline.weights import NO_VERSION, WeightStore
+
+
+def _batches(versions: list[int], size: int = 2):
+    for start in range(0, len(versions), size):
+        chunk = versions[start:start + size]
+        yield {"image_id": np.arange(start, start + len(chunk)), "teacher_version": np.array(chunk),
+               "label_seconds": np.full(len(chunk), 0.5)}
+
+
+def test_fresh_rows_drop_stale_rows_count_them_and_report_a_dry_stream():
+    fresh = FreshRows(_batches([0, 1, 8, 9, 10]), max_staleness=3)
+    rows = fresh.take(2, step=11)  # versions 0 and 1 are 11 and 10 steps old
+    assert [int(r["teacher_version"]) for r in rows] == [8, 9]
+    assert fresh.dropped == 2 and fresh.taken == 2 and fresh.versions == {8, 9}
+    assert fresh.pulled_since_last() == 4 and fresh.pulled_since_last() == 0
+    assert fresh.take(2, step=11) is None  # one row left: the stream ran dry
+    assert fresh.summary()["labeler_images_per_s"] == 3 / 1.5
+
+
+def test_credit_gate_waits_while_labelers_run_a_window_ahead_then_counts_the_timeout():
+    store = WeightStore()
+    assert asyncio.run(store.acquire(4, window=4, timeout_s=1.0))
+    assert not asyncio.run(store.acquire(1, window=4, timeout_s=0.1))  # 5 ahead of 0 consumed
+    assert store.counters() == {"produced": 5, "consumed": 0, "gate_timeouts": 1}
+    store.consumed(5)
+    assert asyncio.run(store.acquire(4, window=4, timeout_s=0.1))
+
+
+def test_a_restarted_worker_group_starts_with_fresh_credit_and_no_teacher():
+    store = WeightStore()
+    asyncio.run(store.acquire(8, window=4, timeout_s=0.01))
+    store._version = 45  # the last attempt published at step 45, then a worker died
+    store.begin_attempt()
+    assert store.version() == NO_VERSION
+    assert store.counters() == {"produced": 0, "consumed": 0, "gate_timeouts": 1}  # timeouts stay counted
+    assert asyncio.run(store.acquire(4, window=4, timeout_s=0.01))
+
+
+def test_credit_window_covers_what_is_in_flight_and_the_staleness_budget():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["ray.labeler_batch_size=2", "ray.num_labelers=1",
+                                                      "ray.num_workers=1", "ssl.max_staleness=20",
+                                                      "ssl.sync_interval=4", "train.batch_size_unlabeled=2"])
+    assert credit_window(cfg) == max(2 * (1 + 1 + 2), (20 - 4) * 2)
+
+
+def test_cuda_on_ray_without_gpu_workers_is_refused_by_key():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.device=cuda", "ray.gpus_per_worker=0"])
+    with pytest.raises(InputError, match="ray.gpus_per_worker=0"):
+        plan_resources(cfg)
+
+
+def test_a_local_ray_refuses_more_ddp_workers_than_cores(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["ray.num_workers=8", "ray.cpus_per_worker=0.25"])
+    with pytest.raises(InputError, match="ray.num_workers=8"):
+        start_ray(cfg, plan_resources(cfg))
