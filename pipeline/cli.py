@@ -1,4 +1,4 @@
-"""`ssod` / `python -m pipeline.cli`: synth, prepare, train, evaluate, tune, ui.
+"""`ssod` / `python -m pipeline.cli`: synth, prepare, train, evaluate, label, tune, ui.
 
 Bad input ends in one line `error: ...` and exit code 2, never a traceback.
 """
@@ -45,6 +45,21 @@ def _build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", choices=["teacher", "student"], default="teacher")
+
+    p = sub.add_parser("label", help="a trained teacher labels images: COCO labels, a report, a review queue")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="RUN_DIR/checkpoint.pt (or RUN_DIR); its config.yaml is used by default")
+    model.add_argument("--model-uri", help="a registered teacher, models:/NAME/VERSION")
+    images = p.add_mutually_exclusive_group(required=True)
+    images.add_argument("--images", help="an image folder (read recursively: jpg, png, webp, ...)")
+    images.add_argument("--prepared", help="a `ssod prepare` output directory")
+    p.add_argument("--split", choices=["unlabeled", "labeled", "val"], default="unlabeled", help="with --prepared")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, help="keep boxes scoring >= this (default: the run's ssl.score_threshold)")
+    _config_args(p)
+    p.add_argument("--model", choices=["teacher", "student"], default="teacher")
+    p.add_argument("--review", type=int, default=16, help="images drawn in OUT/review/, least certain first")
+    p.add_argument("--sweep", action="store_true", help="precision/recall at thresholds 0.3 ... 0.9")
 
     p = sub.add_parser("tune", help="Ray Tune search over the SSL parameters (ASHA on teacher AP)")
     _config_args(p)
@@ -98,6 +113,23 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_checkpoint(_load(args), args.checkpoint, args.model), indent=2))
 
 
+def _label(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pipeline.label import LabelJob, label, summary_lines
+    from pipeline.label_model import from_checkpoint, from_registry
+
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise InputError(f"--threshold {args.threshold}: must be in (0, 1]")
+    if args.model_uri:
+        model = from_registry(args.model_uri, args.config, args.overrides, args.model)
+    else:
+        model = from_checkpoint(args.checkpoint, args.config, args.overrides, args.model, args.prepared)
+    job = LabelJob(Path(args.out), images=args.images, prepared=args.prepared, split=args.split,
+                   threshold=args.threshold, review=args.review, sweep=args.sweep)
+    print("\n".join(summary_lines(label(model, job))))
+
+
 def _tune(args: argparse.Namespace) -> None:
     from tune.driver import run_search
 
@@ -113,7 +145,8 @@ def _ui(args: argparse.Namespace) -> None:
     sys.exit(serve_ui(tracking_uri(_load(args).tracking.uri), args.host, args.port))
 
 
-COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "ui": _ui}
+COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "label": _label,
+            "tune": _tune, "ui": _ui}
 
 
 def main(argv: list[str] | None = None) -> int:

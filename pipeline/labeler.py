@@ -120,6 +120,7 @@ class TeacherLabeler:
         seconds = (time.perf_counter() - started) / max(len(samples), 1)
         return {
             "image_id": batch["image_id"],
+            "file_name": batch["file_name"],
             "image": [image.numpy() for image, _ in samples],
             "pl_boxes": [_flat(k["boxes"].cpu()) for k in kept],
             "pl_labels": [k["labels"].cpu().numpy() for k in kept],

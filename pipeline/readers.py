@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,25 +44,43 @@ def read_prepared(
     return ray.data.read_parquet(path, filesystem=fs, override_num_blocks=override_num_blocks)
 
 
-def read_image_folder(
-    path: str | os.PathLike, *, filesystem: pafs.FileSystem | None = None, start_id: int = 10**9
-) -> ray.data.Dataset:
-    """Raw images under `path` (recursive) as unannotated rows; ids follow the sorted paths from start_id.
+@dataclass(frozen=True)
+class ImageFolder:
+    """The image files under a folder (recursive, sorted paths) and the filesystem they are on."""
 
-    Undecodable files are dropped (logged); images that are not 8-bit RGB JPEG/PNG are re-encoded as
-    RGB PNG, as `ssod prepare` does.
-    """
-    import ray.data
+    fs: pafs.FileSystem
+    root: str
+    files: list[str]
 
+    def file_name(self, path: str) -> str:
+        """A file's path relative to the folder: the rows' `file_name`."""
+        return path[len(self.root) :].lstrip("/")
+
+
+def list_image_folder(path: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> ImageFolder:
     fs, root = _resolve(path, filesystem)
     _require_dir(fs, root, f"{path}: image folder not found")
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = sorted(i.path for i in infos if i.is_file and i.path.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise InputError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    ids = {p: start_id + i for i, p in enumerate(files)}
-    return ray.data.read_binary_files(files, include_paths=True, filesystem=fs).map_batches(
-        _folder_rows, batch_format="pyarrow", batch_size=FOLDER_BATCH_ROWS, fn_kwargs={"root": root, "ids": ids}
+    return ImageFolder(fs, root, files)
+
+
+def read_image_folder(
+    path: str | os.PathLike | ImageFolder, *, filesystem: pafs.FileSystem | None = None, start_id: int = 10**9
+) -> ray.data.Dataset:
+    """Raw images under `path` (recursive) as unannotated rows; ids follow the sorted paths from start_id.
+
+    Undecodable files are dropped (logged); images that are not 8-bit RGB JPEG/PNG are re-encoded as
+    RGB PNG, as `ssod prepare` does. An `ImageFolder` already listed is not listed again.
+    """
+    import ray.data
+
+    folder = path if isinstance(path, ImageFolder) else list_image_folder(path, filesystem)
+    ids = {p: start_id + i for i, p in enumerate(folder.files)}
+    return ray.data.read_binary_files(folder.files, include_paths=True, filesystem=folder.fs).map_batches(
+        _folder_rows, batch_format="pyarrow", batch_size=FOLDER_BATCH_ROWS, fn_kwargs={"folder": folder, "ids": ids}
     )
 
 
@@ -77,7 +96,7 @@ def _require_dir(fs: pafs.FileSystem, path: str, message: str) -> None:
         raise InputError(message)
 
 
-def _folder_rows(batch: pa.Table, root: str, ids: dict[str, int]) -> pa.Table:
+def _folder_rows(batch: pa.Table, folder: ImageFolder, ids: dict[str, int]) -> pa.Table:
     rows = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
         try:
@@ -88,7 +107,7 @@ def _folder_rows(batch: pa.Table, root: str, ids: dict[str, int]) -> pa.Table:
         rows.append(
             {
                 "image_id": ids[path],
-                "file_name": path[len(root) :].lstrip("/"),
+                "file_name": folder.file_name(path),
                 "width": width,
                 "height": height,
                 "image": to_rgb_png(data) if convert else data,

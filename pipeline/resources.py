@@ -41,6 +41,7 @@ class ResourcePlan:
     labeler_cpus: float
     labeler_gpus: float
     runs: int = 1
+    labeling: bool = False  # `ssod label`: one stream and no trainers
 
     @property
     def labeled_budget_cpus(self) -> float:
@@ -55,6 +56,8 @@ class ResourcePlan:
     @property
     def data_cpus(self) -> float:
         """Ray Data tasks of all runs, labeler actors apart, with the headroom a starting stream needs."""
+        if self.labeling:  # one stream from the start: nothing competes with it for a reservation
+            return UNLABELED_TASK_CPUS * self.runs
         per_run = max(LABELED_STREAM_CPUS + UNLABELED_TASK_CPUS,
                       LABELED_STREAM_CPUS + STREAM_START_CPUS - self.labeler_cpus)
         return per_run * self.runs
@@ -67,7 +70,7 @@ class ResourcePlan:
     def gpus(self) -> float:
         return (self.train_gpus + self.labeler_gpus) * self.runs
 
-    def times(self, n: int) -> "ResourcePlan":
+    def times(self, n: int) -> ResourcePlan:
         """The plan for `n` runs side by side."""
         return replace(self, runs=self.runs * n)
 
@@ -81,6 +84,11 @@ def plan_resources(cfg: Config) -> ResourcePlan:
         train_cpus=r.num_workers * r.cpus_per_worker, train_gpus=r.num_workers * r.gpus_per_worker,
         labeler_cpus=r.num_labelers * r.cpus_per_labeler, labeler_gpus=r.num_labelers * r.gpus_per_labeler,
     )
+
+
+def plan_labeling(cfg: Config) -> ResourcePlan:
+    """`ssod label`: the labeler actors and the read/decode tasks beside them."""
+    return replace(plan_resources(cfg), train_cpus=0.0, train_gpus=0.0, labeling=True)
 
 
 def check_fits(plan: ResourcePlan, available: dict[str, float]) -> None:

@@ -13,6 +13,7 @@ import math
 import numbers
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from torch import Tensor
 import models
 from pipeline import plots
 from pipeline.config import Config, tracking_uri
+from pipeline.label_model import write_bundle
 
 
 def _finite(value: Any) -> float | None:
@@ -131,7 +133,7 @@ class Tracker:
         try:
             self._log_summary(run_id, metrics)
             if teacher is not None:
-                self._log_teacher(run_id, teacher)
+                self._log_teacher(run_id, teacher, metrics.get("thresholds"))
         except BaseException:
             status = "FAILED"
             raise
@@ -154,20 +156,25 @@ class Tracker:
                                                      metrics["labeled_class_histogram"])
             self._client.log_figure(run_id, figure, "plots/pseudo_label_distribution.png")
 
-    def _log_teacher(self, run_id: str, teacher: torch.nn.Module) -> None:
-        """The teacher (a CPU copy, eval mode) as the run's "teacher" model, registered if a name is set."""
+    def _log_teacher(self, run_id: str, teacher: torch.nn.Module, thresholds: dict[str, float] | None) -> None:
+        """The teacher (a CPU copy, eval mode) as the run's "teacher" model, registered if a name is set.
+
+        Its label bundle (state dict, config, categories, thresholds) rides along for `ssod label --model-uri`.
+        """
         model = copy.deepcopy(teacher).cpu().eval()
         mlflow.set_tracking_uri(self.uri)
         mlflow.start_run(run_id=run_id, nested=True)
         try:
-            mlflow.pytorch.log_model(
-                model, name="teacher", registered_model_name=self.cfg.tracking.registered_model_name,
-                # torch.export ("pt2", MLflow's default) cannot trace a detector's list-in, dict-out,
-                # data-dependent forward. The pickle refers to `models.*` classes: ship that (torch-only) package.
-                serialization_format="pickle", code_paths=[str(Path(models.__file__).parent)],
-                # Explicit requirements skip MLflow's inference, which reloads the model in a subprocess.
-                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-            )
+            with tempfile.TemporaryDirectory() as bundle:
+                mlflow.pytorch.log_model(
+                    model, name="teacher", registered_model_name=self.cfg.tracking.registered_model_name,
+                    # torch.export ("pt2", MLflow's default) cannot trace a detector's list-in, dict-out,
+                    # data-dependent forward. The pickle refers to `models.*` classes: ship that (torch-only) package.
+                    serialization_format="pickle", code_paths=[str(Path(models.__file__).parent)],
+                    # Explicit requirements skip MLflow's inference, which reloads the model in a subprocess.
+                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                    extra_files=write_bundle(Path(bundle), model, self.cfg, thresholds),
+                )
         finally:
             mlflow.end_run()  # `finish` then sets the final status
 

@@ -1,0 +1,278 @@
+"""`ssod label`: a trained teacher labels an image folder or a prepared split, at cluster scale.
+
+Ray Data streams the images through the training's `TeacherLabeler` actors (an actor pool, GPU when
+`ray.gpus_per_labeler` asks for one); the driver takes the labelled rows one batch at a time and writes
+them out as they come, so its memory stays flat in the pool size. Outputs in OUT: `labels.json` (COCO),
+`label_report.json`, `review.json` and `review/` (see `pipeline.review`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.data import ActorPoolStrategy
+from tqdm import tqdm
+
+from pipeline import review
+from pipeline.coco_io import Report, write_json
+from pipeline.coco_writer import CocoWriter, annotations
+from pipeline.config import Config
+from pipeline.errors import InputError
+from pipeline.label_model import LabelModel, label_thresholds
+from pipeline.labeler import TeacherLabeler, decode_masks
+from pipeline.readers import ImageFolder, list_image_folder, load_split, read_image_folder, read_prepared
+from pipeline.resources import plan_labeling, start_ray
+from pipeline.schema import LABELED_DIR, UNLABELED_DIR, VAL_DIR
+from pipeline.session import PseudoLabelStats
+from pipeline.weights import get_or_create_store, store_name
+
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FIRST_IMAGE_ID = 1  # an image folder's ids: 1, 2, ... in sorted path order
+SPLIT_COUNTS = {LABELED_DIR: "num_labeled", UNLABELED_DIR: "num_unlabeled", VAL_DIR: "num_val"}
+# One fixed teacher: staleness means nothing here, so the training's credit gate is opened wide.
+NO_STALENESS_BOUND = 10**9
+PROGRESS_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """What to label and where to write: exactly one of `images` (a folder) and `prepared` (a split of it)."""
+
+    out: Path
+    images: str | None = None
+    prepared: str | None = None
+    split: str = UNLABELED_DIR
+    threshold: float | None = None
+    review: int = 16
+    sweep: bool = False
+
+
+@dataclass
+class _Source:
+    dataset: ray.data.Dataset
+    total: int
+    name: str
+    folder: ImageFolder | None = None
+
+
+class _Tally:
+    """Counts, box statistics and precision/recall against held-aside labels at each threshold asked for."""
+
+    def __init__(self, sweep: bool):
+        self.read = self.labeled = 0
+        self.per_class: Counter = Counter()
+        self.quality = PseudoLabelStats()
+        self.sweep = {t: PseudoLabelStats() for t in (SWEEP if sweep else ())}
+        self.label_seconds = 0.0
+
+    def add(self, row: dict, kept: np.ndarray) -> None:
+        self.read += 1
+        self.labeled += int(kept.any())
+        self.per_class.update(row["pl_labels"][kept].tolist())
+        self.label_seconds += float(row["label_seconds"])
+        if not row["annotated"]:
+            return
+        gt = {"boxes": torch.from_numpy(row["gt_boxes"].reshape(-1, 4)), "labels": torch.from_numpy(row["gt_labels"])}
+        boxes, labels, scores = torch.from_numpy(row["pl_boxes"].reshape(-1, 4)), row["pl_labels"], row["pl_scores"]
+        for stats, keep in [(self.quality, kept), *((s, scores >= t) for t, s in self.sweep.items())]:
+            stats.add({"boxes": boxes[torch.from_numpy(keep)], "labels": torch.from_numpy(labels[keep])}, gt)
+
+
+class _Labels:
+    """Everything the driver makes of the labelled rows: the COCO file, the tally, the review queue."""
+
+    def __init__(self, model: LabelModel, job: LabelJob, thresholds: list[float], folder: ImageFolder | None):
+        self.with_masks = model.cfg.model.arch == "mask_rcnn"
+        self.per_label = np.asarray(thresholds, dtype=np.float32)
+        self.category_of = {c["label"]: c["id"] for c in model.categories}
+        coco = [{"id": c["id"], "name": c["name"]} for c in sorted(model.categories, key=lambda c: c["id"])]
+        self.writer = CocoWriter(job.out / "labels.json", coco, {"description": f"ssod label: {model.source}"})
+        self.tally, self.queue = _Tally(job.sweep), review.ReviewQueue(job.review)
+        self.seen = bytearray(len(folder.files)) if folder else None  # which of the folder's files came back
+
+    def add(self, row: dict) -> None:
+        image_id, file_name = int(row["image_id"]), str(row["file_name"])
+        kept = row["pl_scores"] >= self.per_label[row["pl_labels"]]
+        masks = [m for m, k in zip(row["pl_masks"], kept) if k] if self.with_masks else None
+        height, width = row["image"].shape[1:]
+        self.writer.add({"id": image_id, "file_name": file_name, "width": width, "height": height},
+                        annotations(row["pl_boxes"].reshape(-1, 4)[kept], row["pl_labels"][kept],
+                                    row["pl_scores"][kept], masks, self.category_of))
+        self.tally.add(row, kept)
+        if self.seen is not None:
+            self.seen[image_id - FIRST_IMAGE_ID] = 1
+        u = review.uncertainty(row["teacher_labels"], row["teacher_scores"], self.per_label)
+        self.queue.offer(image_id, u, {"file_name": file_name, "kept_boxes": int(kept.sum())},
+                         lambda: _picture(row, kept, masks))
+
+
+def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
+    """Label every image of the job's source with `model`; returns (and writes) the label report."""
+    cfg = model.cfg.with_overrides({"data.flip_prob": 0.0, "ssl.max_staleness": NO_STALENESS_BOUND})
+    thresholds, rule = label_thresholds(model, job.threshold)
+    if job.review < 0:
+        raise InputError(f"--review {job.review}: must be 0 or more")
+    source = _source(job)
+    job.out.mkdir(parents=True, exist_ok=True)
+    start_ray(cfg, plan_labeling(cfg))
+    labels = _Labels(model, job, thresholds, source.folder)
+    floor = min([*thresholds[1:], *(SWEEP if job.sweep else ())])  # the labeler keeps all the sweep may need
+    started = time.perf_counter()
+    try:
+        with _weight_store(model.state, [floor] * len(thresholds)) as name:
+            for row in _rows(_labelled(cfg, len(model.categories), source, name), source.total):
+                labels.add(row)
+    except BaseException:
+        labels.writer.discard()
+        raise
+    labels.writer.close()
+    report = _report(model, source, labels, thresholds, rule, time.perf_counter() - started)
+    write_json(job.out / "label_report.json", report)
+    grids = _write_review(labels.queue, model.names, job.out)
+    _track(cfg, job.out, report, grids)
+    return report
+
+
+def _source(job: LabelJob) -> _Source:
+    if (job.images is None) == (job.prepared is None):
+        raise InputError("give exactly one of --images DIR and --prepared DIR")
+    if job.images is not None:
+        folder = list_image_folder(job.images)
+        return _Source(read_image_folder(folder, start_id=FIRST_IMAGE_ID), len(folder.files), str(job.images), folder)
+    if job.split not in SPLIT_COUNTS:
+        raise InputError(f"--split {job.split}: expected one of {', '.join(SPLIT_COUNTS)}")
+    dataset = read_prepared(job.prepared, job.split)
+    total = load_split(job.prepared).get(SPLIT_COUNTS[job.split])
+    return _Source(dataset, int(total) if total is not None else dataset.count(), f"{job.prepared} ({job.split})")
+
+
+@contextlib.contextmanager
+def _weight_store(state: dict[str, torch.Tensor], thresholds: list[float]) -> Iterator[str]:
+    """The training's weight store, holding one teacher (version 0) for the labelers to pull."""
+    name = store_name(f"label-{uuid.uuid4().hex[:12]}")
+    store = get_or_create_store(name)
+    try:
+        ray.get(store.publish.remote(0, state, thresholds))
+        yield name
+    finally:
+        ray.kill(store)
+
+
+def _labelled(cfg: Config, num_classes: int, source: _Source, store: str) -> ray.data.Dataset:
+    r = cfg.ray
+    return source.dataset.map_batches(
+        TeacherLabeler,
+        fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": num_classes, "store_name": store},
+        compute=ActorPoolStrategy(size=r.num_labelers), batch_size=r.labeler_batch_size,
+        num_cpus=r.cpus_per_labeler, num_gpus=r.gpus_per_labeler,
+    )
+
+
+def _rows(dataset: ray.data.Dataset, total: int) -> Iterator[dict]:
+    """Labelled rows as they stream out, with a progress bar (images done / total, images/s) on stderr."""
+    with tqdm(total=total, unit="img", desc="label", file=sys.stderr, mininterval=PROGRESS_INTERVAL_S) as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            size = len(batch["image_id"])
+            yield from ({k: v[i] for k, v in batch.items()} for i in range(size))
+            bar.update(size)
+
+
+def _picture(row: dict, kept: np.ndarray, masks: list[str] | None) -> tuple[torch.Tensor, dict]:
+    image = torch.from_numpy(row["image"])
+    target = {"boxes": torch.from_numpy(row["pl_boxes"].reshape(-1, 4)[kept]),
+              "labels": torch.from_numpy(row["pl_labels"][kept]), "scores": torch.from_numpy(row["pl_scores"][kept])}
+    if masks is not None:
+        target["masks"] = decode_masks(masks, *image.shape[1:])
+    return image, target
+
+
+def _skipped(labels: _Labels, source: _Source) -> Report:
+    skipped = Report()
+    if labels.seen is not None:
+        for i in (i for i, seen in enumerate(labels.seen) if not seen):
+            skipped.add("undecodable", source.folder.file_name(source.folder.files[i]))
+    elif source.total > labels.tally.read:
+        skipped.add("unreadable", source.name, source.total - labels.tally.read)
+    return skipped
+
+
+def _quality(stats: PseudoLabelStats) -> dict[str, Any]:
+    return {"precision": stats.matched / stats.scored_boxes if stats.scored_boxes else None,
+            "recall": stats.matched / stats.gt_boxes if stats.gt_boxes else None,
+            "kept_boxes": stats.scored_boxes, "held_aside_boxes": stats.gt_boxes, "images": stats.images}
+
+
+def _report(model: LabelModel, source: _Source, labels: _Labels, thresholds: list[float], rule: str,
+            seconds: float) -> dict[str, Any]:
+    tally, names, skipped = labels.tally, model.names, _skipped(labels, source)
+    report = {
+        "model": model.source, "source": source.name,
+        "threshold": {"rule": rule, "per_class": {names[k]: thresholds[k] for k in sorted(names)}},
+        "images_found": source.total, "images_read": tally.read, "images_labeled": tally.labeled,
+        "images_skipped": dict(skipped.counts), "skipped_examples": skipped.examples,
+        "boxes": sum(tally.per_class.values()),
+        "boxes_per_class": {names[k]: tally.per_class.get(k, 0) for k in sorted(names)},
+        "seconds": round(seconds, 2), "images_per_s": round(tally.read / seconds, 3) if seconds else None,
+        "labeler_images_per_s": round(tally.read / tally.label_seconds, 3) if tally.label_seconds else None,
+        # matched one-to-one at IoU >= 0.5 and the same class, as training's pseudo-label statistics are
+        "quality": _quality(tally.quality) if tally.quality.images else None,
+    }
+    if tally.sweep:
+        report["sweep"] = [{"threshold": t, **_quality(s)} for t, s in tally.sweep.items()]
+    return report
+
+
+def _write_review(queue: review.ReviewQueue, names: dict[int, str], out: Path) -> list[Path]:
+    grids = review.write_grids(queue.pictures(), names, out / "review")
+    write_json(out / "review.json", {"rule": review.rule_text(), "images_ranked": queue.seen,
+                                     "grids": [g.relative_to(out).as_posix() for g in grids],
+                                     "images": queue.ranked()})
+    return grids
+
+
+def _track(cfg: Config, out: Path, report: dict[str, Any], grids: list[Path]) -> None:
+    """With tracking on: one MLflow run with the config, the report, the ranking and the review grids."""
+    if not cfg.tracking.enabled:
+        return
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(cfg, out, run_name=f"label-{out.resolve().name}", tags={"ssod.command": "label"})
+    tracker.start()
+    try:
+        tracker.log_artifact(out / "review.json")
+        for grid in grids:
+            tracker.log_artifact(grid, "review")
+    finally:
+        tracker.finish(report, None)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """What `ssod label` prints: counts, speed, the threshold rule, precision/recall and the sweep table."""
+    skipped = sum(report["images_skipped"].values())
+    lines = [(f"labeled {report['images_read']} images ({skipped} skipped, {report['images_labeled']} with boxes) "
+              f"in {report['seconds']} s, {report['images_per_s']} images/s: {report['boxes']} boxes"),
+             f"threshold: {report['threshold']['rule']} {json.dumps(report['threshold']['per_class'])}"]
+    if report["quality"]:
+        q = report["quality"]
+        lines.append(f"against held-aside labels (IoU 0.5): precision {_fmt(q['precision'])} "
+                     f"recall {_fmt(q['recall'])} over {q['images']} images")
+    if report.get("sweep"):
+        lines.append(f"{'threshold':>9s} {'precision':>9s} {'recall':>6s} {'boxes':>6s}")
+        lines += [f"{r['threshold']:9.2f} {_fmt(r['precision']):>9s} {_fmt(r['recall']):>6s} {r['kept_boxes']:6d}"
+                  for r in report["sweep"]]
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
