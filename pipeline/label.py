@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, DataContext
 from tqdm import tqdm
 
 from pipeline import review
@@ -119,23 +119,23 @@ class _Labels:
 
 def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
     """Label every image of the job's source with `model`; returns (and writes) the label report."""
+    _check(job)
     cfg = model.cfg.with_overrides({"data.flip_prob": 0.0, "ssl.max_staleness": NO_STALENESS_BOUND})
     thresholds, rule = label_thresholds(model, job.threshold)
-    if job.review < 0:
-        raise InputError(f"--review {job.review}: must be 0 or more")
-    source = _source(job)
+    floor = min([*thresholds[1:], *(SWEEP if job.sweep else ())])  # the labeler keeps all the sweep may need
     job.out.mkdir(parents=True, exist_ok=True)
     start_ray(cfg, plan_labeling(cfg))
-    labels = _Labels(model, job, thresholds, source.folder)
-    floor = min([*thresholds[1:], *(SWEEP if job.sweep else ())])  # the labeler keeps all the sweep may need
-    started = time.perf_counter()
-    try:
-        with _weight_store(model.state, [floor] * len(thresholds)) as name:
-            for row in _rows(_labelled(cfg, len(model.categories), source, name), source.total):
-                labels.add(row)
-    except BaseException:
-        labels.writer.discard()
-        raise
+    with _without_ray_data_progress():  # one progress bar: ours
+        source = _source(job)
+        labels = _Labels(model, job, thresholds, source.folder)
+        started = time.perf_counter()
+        try:
+            with _weight_store(model.state, [floor] * len(thresholds)) as name:
+                for row in _rows(_labelled(cfg, len(model.categories), source, name), source.total):
+                    labels.add(row)
+        except BaseException:
+            labels.writer.discard()
+            raise
     labels.writer.close()
     report = _report(model, source, labels, thresholds, rule, time.perf_counter() - started)
     write_json(job.out / "label_report.json", report)
@@ -144,17 +144,33 @@ def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
     return report
 
 
-def _source(job: LabelJob) -> _Source:
+def _check(job: LabelJob) -> None:
     if (job.images is None) == (job.prepared is None):
         raise InputError("give exactly one of --images DIR and --prepared DIR")
+    if job.prepared is not None and job.split not in SPLIT_COUNTS:
+        raise InputError(f"--split {job.split}: expected one of {', '.join(SPLIT_COUNTS)}")
+    if job.review < 0:
+        raise InputError(f"--review {job.review}: must be 0 or more")
+
+
+def _source(job: LabelJob) -> _Source:
     if job.images is not None:
         folder = list_image_folder(job.images)
         return _Source(read_image_folder(folder, start_id=FIRST_IMAGE_ID), len(folder.files), str(job.images), folder)
-    if job.split not in SPLIT_COUNTS:
-        raise InputError(f"--split {job.split}: expected one of {', '.join(SPLIT_COUNTS)}")
     dataset = read_prepared(job.prepared, job.split)
     total = load_split(job.prepared).get(SPLIT_COUNTS[job.split])
     return _Source(dataset, int(total) if total is not None else dataset.count(), f"{job.prepared} ({job.split})")
+
+
+@contextlib.contextmanager
+def _without_ray_data_progress() -> Iterator[None]:
+    """Datasets made inside show no progress bars of their own (they copy the context when created)."""
+    context = DataContext.get_current()
+    previous, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = previous
 
 
 @contextlib.contextmanager

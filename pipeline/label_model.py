@@ -41,8 +41,8 @@ def from_checkpoint(checkpoint: str | Path, config: str | Path | None, overrides
                     prepared: str | Path | None = None) -> LabelModel:
     """The teacher (or student) of a checkpoint file, or of a run directory's newest checkpoint."""
     path = _checkpoint_file(Path(checkpoint))
-    cfg = load_config(config or _config_beside(path), overrides)
     state = load_checkpoint(path)
+    cfg = load_config(config or _config_beside(path), overrides)
     if which not in state:
         raise InputError(f"{path}: not a training checkpoint (it has no '{which}' weights)")
     scores = state.get("scores") or {}
