@@ -116,8 +116,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _label(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from pipeline.label import LabelJob, label, summary_lines
+    from pipeline.label import LabelJob, label
     from pipeline.label_model import from_checkpoint, from_registry
+    from pipeline.label_report import summary_lines
 
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise InputError(f"--threshold {args.threshold}: must be in (0, 1]")

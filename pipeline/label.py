@@ -8,11 +8,8 @@ them out as they come, so its memory stays flat in the pool size. Outputs in OUT
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
-import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +18,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
 from pipeline import review
@@ -30,19 +27,20 @@ from pipeline.coco_writer import CocoWriter, annotations
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.label_model import LabelModel, label_thresholds
+from pipeline.label_report import SWEEP, Clock, Tally, quality
 from pipeline.labeler import TeacherLabeler, decode_masks
 from pipeline.readers import ImageFolder, list_image_folder, load_split, read_image_folder, read_prepared
-from pipeline.resources import plan_labeling, start_ray
+from pipeline.resources import data_context, plan_labeling, start_ray
 from pipeline.schema import LABELED_DIR, UNLABELED_DIR, VAL_DIR
-from pipeline.session import PseudoLabelStats
 from pipeline.weights import get_or_create_store, store_name
 
-SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FIRST_IMAGE_ID = 1  # an image folder's ids: 1, 2, ... in sorted path order
 SPLIT_COUNTS = {LABELED_DIR: "num_labeled", UNLABELED_DIR: "num_unlabeled", VAL_DIR: "num_val"}
 # One fixed teacher: staleness means nothing here, so the training's credit gate is opened wide.
 NO_STALENESS_BOUND = 10**9
 PROGRESS_INTERVAL_S = 2.0
+LABELER_BATCHES_PER_BLOCK = 4
+BLOCK_SAMPLE_FILES = 256  # an image folder's bytes per image: from its first files
 
 
 @dataclass(frozen=True)
@@ -60,33 +58,17 @@ class LabelJob:
 
 @dataclass
 class _Source:
-    dataset: ray.data.Dataset
-    total: int
+    """An image folder (listed) or a prepared split; `dataset()` reads it (inside the run's Ray Data settings)."""
+
     name: str
+    total: int | None
     folder: ImageFolder | None = None
+    split_dir: tuple[str, str] | None = None  # (prepared directory, split)
 
-
-class _Tally:
-    """Counts, box statistics and precision/recall against held-aside labels at each threshold asked for."""
-
-    def __init__(self, sweep: bool):
-        self.read = self.labeled = 0
-        self.per_class: Counter = Counter()
-        self.quality = PseudoLabelStats()
-        self.sweep = {t: PseudoLabelStats() for t in (SWEEP if sweep else ())}
-        self.label_seconds = 0.0
-
-    def add(self, row: dict, kept: np.ndarray) -> None:
-        self.read += 1
-        self.labeled += int(kept.any())
-        self.per_class.update(row["pl_labels"][kept].tolist())
-        self.label_seconds += float(row["label_seconds"])
-        if not row["annotated"]:
-            return
-        gt = {"boxes": torch.from_numpy(row["gt_boxes"].reshape(-1, 4)), "labels": torch.from_numpy(row["gt_labels"])}
-        boxes, labels, scores = torch.from_numpy(row["pl_boxes"].reshape(-1, 4)), row["pl_labels"], row["pl_scores"]
-        for stats, keep in [(self.quality, kept), *((s, scores >= t) for t, s in self.sweep.items())]:
-            stats.add({"boxes": boxes[torch.from_numpy(keep)], "labels": torch.from_numpy(labels[keep])}, gt)
+    def dataset(self) -> ray.data.Dataset:
+        if self.folder is not None:
+            return read_image_folder(self.folder, start_id=FIRST_IMAGE_ID)
+        return read_prepared(*self.split_dir)
 
 
 class _Labels:
@@ -98,7 +80,7 @@ class _Labels:
         self.category_of = {c["label"]: c["id"] for c in model.categories}
         coco = [{"id": c["id"], "name": c["name"]} for c in sorted(model.categories, key=lambda c: c["id"])]
         self.writer = CocoWriter(job.out / "labels.json", coco, {"description": f"ssod label: {model.source}"})
-        self.tally, self.queue = _Tally(job.sweep), review.ReviewQueue(job.review)
+        self.tally, self.queue = Tally(job.sweep), review.ReviewQueue(job.review)
         self.seen = bytearray(len(folder.files)) if folder else None  # which of the folder's files came back
 
     def add(self, row: dict) -> None:
@@ -124,20 +106,21 @@ def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
     thresholds, rule = label_thresholds(model, job.threshold)
     floor = min([*thresholds[1:], *(SWEEP if job.sweep else ())])  # the labeler keeps all the sweep may need
     job.out.mkdir(parents=True, exist_ok=True)
+    source = _source(job)
     start_ray(cfg, plan_labeling(cfg))
-    with _without_ray_data_progress():  # one progress bar: ours
-        source = _source(job)
+    clock = Clock()
+    # one progress bar (ours); blocks of a few labeler batches, so that every actor gets work and rows stream
+    with data_context(enable_progress_bars=False, **_block_bytes(job, source, cfg.ray.labeler_batch_size)):
         labels = _Labels(model, job, thresholds, source.folder)
-        started = time.perf_counter()
         try:
             with _weight_store(model.state, [floor] * len(thresholds)) as name:
-                for row in _rows(_labelled(cfg, len(model.categories), source, name), source.total):
+                for row in _rows(_labelled(cfg, len(model.categories), source, name), source.total, clock):
                     labels.add(row)
         except BaseException:
             labels.writer.discard()
             raise
     labels.writer.close()
-    report = _report(model, source, labels, thresholds, rule, time.perf_counter() - started)
+    report = _report(model, source, labels, thresholds, rule, clock)
     write_json(job.out / "label_report.json", report)
     grids = _write_review(labels.queue, model.names, job.out)
     _track(cfg, job.out, report, grids)
@@ -156,21 +139,9 @@ def _check(job: LabelJob) -> None:
 def _source(job: LabelJob) -> _Source:
     if job.images is not None:
         folder = list_image_folder(job.images)
-        return _Source(read_image_folder(folder, start_id=FIRST_IMAGE_ID), len(folder.files), str(job.images), folder)
-    dataset = read_prepared(job.prepared, job.split)
+        return _Source(str(job.images), len(folder.files), folder=folder)
     total = load_split(job.prepared).get(SPLIT_COUNTS[job.split])
-    return _Source(dataset, int(total) if total is not None else dataset.count(), f"{job.prepared} ({job.split})")
-
-
-@contextlib.contextmanager
-def _without_ray_data_progress() -> Iterator[None]:
-    """Datasets made inside show no progress bars of their own (they copy the context when created)."""
-    context = DataContext.get_current()
-    previous, context.enable_progress_bars = context.enable_progress_bars, False
-    try:
-        yield
-    finally:
-        context.enable_progress_bars = previous
+    return _Source(f"{job.prepared} ({job.split})", total, split_dir=(job.prepared, job.split))
 
 
 @contextlib.contextmanager
@@ -187,7 +158,7 @@ def _weight_store(state: dict[str, torch.Tensor], thresholds: list[float]) -> It
 
 def _labelled(cfg: Config, num_classes: int, source: _Source, store: str) -> ray.data.Dataset:
     r = cfg.ray
-    return source.dataset.map_batches(
+    return source.dataset().map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": num_classes, "store_name": store},
         compute=ActorPoolStrategy(size=r.num_labelers), batch_size=r.labeler_batch_size,
@@ -195,11 +166,25 @@ def _labelled(cfg: Config, num_classes: int, source: _Source, store: str) -> ray
     )
 
 
-def _rows(dataset: ray.data.Dataset, total: int) -> Iterator[dict]:
+def _block_bytes(job: LabelJob, source: _Source, batch_size: int) -> dict[str, int]:
+    """`target_max_block_size` for about LABELER_BATCHES_PER_BLOCK labeler batches of encoded images
+    (nothing when the size on disk is not known here, as for a remote prepared directory)."""
+    if source.folder is not None:
+        sample = source.folder.fs.get_file_info(source.folder.files[:BLOCK_SAMPLE_FILES])
+        per_row = sum(i.size for i in sample) / len(sample)
+    else:
+        shards = (Path(job.prepared) / job.split).glob("*.parquet")
+        per_row = sum(f.stat().st_size for f in shards) / max(source.total or 0, 1)
+    size = int(per_row * batch_size * LABELER_BATCHES_PER_BLOCK)
+    return {"target_max_block_size": size} if size > 0 else {}
+
+
+def _rows(dataset: ray.data.Dataset, total: int, clock: Clock) -> Iterator[dict]:
     """Labelled rows as they stream out, with a progress bar (images done / total, images/s) on stderr."""
     with tqdm(total=total, unit="img", desc="label", file=sys.stderr, mininterval=PROGRESS_INTERVAL_S) as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
             size = len(batch["image_id"])
+            clock.block(size)
             yield from ({k: v[i] for k, v in batch.items()} for i in range(size))
             bar.update(size)
 
@@ -218,19 +203,13 @@ def _skipped(labels: _Labels, source: _Source) -> Report:
     if labels.seen is not None:
         for i in (i for i, seen in enumerate(labels.seen) if not seen):
             skipped.add("undecodable", source.folder.file_name(source.folder.files[i]))
-    elif source.total > labels.tally.read:
+    elif source.total is not None and source.total > labels.tally.read:
         skipped.add("unreadable", source.name, source.total - labels.tally.read)
     return skipped
 
 
-def _quality(stats: PseudoLabelStats) -> dict[str, Any]:
-    return {"precision": stats.matched / stats.scored_boxes if stats.scored_boxes else None,
-            "recall": stats.matched / stats.gt_boxes if stats.gt_boxes else None,
-            "kept_boxes": stats.scored_boxes, "held_aside_boxes": stats.gt_boxes, "images": stats.images}
-
-
 def _report(model: LabelModel, source: _Source, labels: _Labels, thresholds: list[float], rule: str,
-            seconds: float) -> dict[str, Any]:
+            clock: Clock) -> dict[str, Any]:
     tally, names, skipped = labels.tally, model.names, _skipped(labels, source)
     report = {
         "model": model.source, "source": source.name,
@@ -239,13 +218,13 @@ def _report(model: LabelModel, source: _Source, labels: _Labels, thresholds: lis
         "images_skipped": dict(skipped.counts), "skipped_examples": skipped.examples,
         "boxes": sum(tally.per_class.values()),
         "boxes_per_class": {names[k]: tally.per_class.get(k, 0) for k in sorted(names)},
-        "seconds": round(seconds, 2), "images_per_s": round(tally.read / seconds, 3) if seconds else None,
+        **clock.rates(tally.read),
         "labeler_images_per_s": round(tally.read / tally.label_seconds, 3) if tally.label_seconds else None,
         # matched one-to-one at IoU >= 0.5 and the same class, as training's pseudo-label statistics are
-        "quality": _quality(tally.quality) if tally.quality.images else None,
+        "quality": quality(tally.quality) if tally.quality.images else None,
     }
     if tally.sweep:
-        report["sweep"] = [{"threshold": t, **_quality(s)} for t, s in tally.sweep.items()]
+        report["sweep"] = [{"threshold": t, **quality(s)} for t, s in tally.sweep.items()]
     return report
 
 
@@ -273,22 +252,3 @@ def _track(cfg: Config, out: Path, report: dict[str, Any], grids: list[Path]) ->
         tracker.finish(report, None)
 
 
-def summary_lines(report: dict[str, Any]) -> list[str]:
-    """What `ssod label` prints: counts, speed, the threshold rule, precision/recall and the sweep table."""
-    skipped = sum(report["images_skipped"].values())
-    lines = [(f"labeled {report['images_read']} images ({skipped} skipped, {report['images_labeled']} with boxes) "
-              f"in {report['seconds']} s, {report['images_per_s']} images/s: {report['boxes']} boxes"),
-             f"threshold: {report['threshold']['rule']} {json.dumps(report['threshold']['per_class'])}"]
-    if report["quality"]:
-        q = report["quality"]
-        lines.append(f"against held-aside labels (IoU 0.5): precision {_fmt(q['precision'])} "
-                     f"recall {_fmt(q['recall'])} over {q['images']} images")
-    if report.get("sweep"):
-        lines.append(f"{'threshold':>9s} {'precision':>9s} {'recall':>6s} {'boxes':>6s}")
-        lines += [f"{r['threshold']:9.2f} {_fmt(r['precision']):>9s} {_fmt(r['recall']):>6s} {r['kept_boxes']:6d}"
-                  for r in report["sweep"]]
-    return lines
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

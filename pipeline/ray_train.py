@@ -13,20 +13,20 @@ import json
 import math
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 import ray.train
 import ray.train.torch
-from ray.data import ActorPoolStrategy, DataContext, ExecutionOptions, ExecutionResources
+from ray.data import ActorPoolStrategy, ExecutionOptions, ExecutionResources
 
 from pipeline.config import Config
 from pipeline.data import require_segmentations
 from pipeline.errors import InputError
 from pipeline.labeler import TeacherLabeler, add_strong_views, labeled_views
-from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
-from pipeline.resources import VIEW_TASK_CPUS, ResourcePlan, plan_resources, start_ray
 from pipeline.ray_worker import LABELED, UNLABELED, train_loop_per_worker
+from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
+from pipeline.resources import VIEW_TASK_CPUS, ResourcePlan, data_context, plan_resources, start_ray
 from pipeline.session import write_metrics
 from pipeline.weights import get_or_create_store, store_name
 
@@ -69,20 +69,14 @@ def build_datasets(cfg: Config, num_classes: int, weights_store: str) -> dict[st
     return {LABELED: labeled, UNLABELED: unlabeled}
 
 
-@contextlib.contextmanager
-def _block_size(max_bytes: int) -> Iterator[None]:
-    """Datasets built inside get blocks of about `max_bytes` (they copy the context when created).
+def _block_size(max_bytes: int) -> contextlib.AbstractContextManager:
+    """Datasets built inside get blocks of about `max_bytes`.
 
     Ray Data backpressures in blocks, so block size is the staleness knob: a read block of the whole
     shard (Parquet V2 ignores `override_num_blocks`) would be labelled in one task whose output only
     appears at its end, while the credit gate holds the labeler back.
     """
-    context = DataContext.get_current()
-    previous, context.target_max_block_size = context.target_max_block_size, max_bytes
-    try:
-        yield
-    finally:
-        context.target_max_block_size = previous
+    return data_context(target_max_block_size=max_bytes)
 
 
 def _labeler_batch_bytes(cfg: Config, pool_size: int) -> int:

@@ -5,9 +5,12 @@ On a small machine a plan that does not leave Ray Data room for its read tasks h
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import ray
 
@@ -125,3 +128,20 @@ def start_ray(cfg: Config, plan: ResourcePlan) -> None:
             os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)  # the local Ray's processes inherit it
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     check_fits(plan, ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def data_context(**settings: Any) -> Iterator[None]:
+    """Ray Data settings (`DataContext` attributes) for the datasets built inside: they copy the context
+    when they are created. The previous values are restored on the way out."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    previous = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(context, name, value)
