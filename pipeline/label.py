@@ -105,8 +105,8 @@ def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
     cfg = model.cfg.with_overrides({"data.flip_prob": 0.0, "ssl.max_staleness": NO_STALENESS_BOUND})
     thresholds, rule = label_thresholds(model, job.threshold)
     floor = min([*thresholds[1:], *(SWEEP if job.sweep else ())])  # the labeler keeps all the sweep may need
-    job.out.mkdir(parents=True, exist_ok=True)
     source = _source(job)
+    job.out.mkdir(parents=True, exist_ok=True)
     start_ray(cfg, plan_labeling(cfg))
     clock = Clock()
     # one progress bar (ours); blocks of a few labeler batches, so that every actor gets work and rows stream
@@ -190,9 +190,9 @@ def _rows(dataset: ray.data.Dataset, total: int, clock: Clock) -> Iterator[dict]
 
 
 def _picture(row: dict, kept: np.ndarray, masks: list[str] | None) -> tuple[torch.Tensor, dict]:
-    image = torch.from_numpy(row["image"])
-    target = {"boxes": torch.from_numpy(row["pl_boxes"].reshape(-1, 4)[kept]),
-              "labels": torch.from_numpy(row["pl_labels"][kept]), "scores": torch.from_numpy(row["pl_scores"][kept])}
+    image = torch.tensor(row["image"])  # a copy: Ray Data hands out read-only arrays
+    target = {"boxes": torch.tensor(row["pl_boxes"].reshape(-1, 4)[kept]),
+              "labels": torch.tensor(row["pl_labels"][kept]), "scores": torch.tensor(row["pl_scores"][kept])}
     if masks is not None:
         target["masks"] = decode_masks(masks, *image.shape[1:])
     return image, target

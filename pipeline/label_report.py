@@ -32,10 +32,11 @@ class Tally:
         self.label_seconds += float(row["label_seconds"])
         if not row["annotated"]:
             return
-        gt = {"boxes": torch.from_numpy(row["gt_boxes"].reshape(-1, 4)), "labels": torch.from_numpy(row["gt_labels"])}
-        boxes, labels, scores = torch.from_numpy(row["pl_boxes"].reshape(-1, 4)), row["pl_labels"], row["pl_scores"]
+        # copies: Ray Data hands out read-only arrays
+        gt = {"boxes": torch.tensor(row["gt_boxes"].reshape(-1, 4)), "labels": torch.tensor(row["gt_labels"])}
+        boxes, labels, scores = torch.tensor(row["pl_boxes"].reshape(-1, 4)), row["pl_labels"], row["pl_scores"]
         for stats, keep in [(self.quality, kept), *((s, scores >= t) for t, s in self.sweep.items())]:
-            stats.add({"boxes": boxes[torch.from_numpy(keep)], "labels": torch.from_numpy(labels[keep])}, gt)
+            stats.add({"boxes": boxes[torch.from_numpy(keep)], "labels": torch.tensor(labels[keep])}, gt)
 
 
 class Clock:
