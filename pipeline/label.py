@@ -28,7 +28,7 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.label_model import LabelModel, label_thresholds
 from pipeline.label_report import SWEEP, Clock, Tally, quality
-from pipeline.labeler import TeacherLabeler, decode_masks
+from pipeline.labeler import TeacherLabeler, batch_rows, decode_masks
 from pipeline.readers import ImageFolder, list_image_folder, load_split, read_image_folder, read_prepared
 from pipeline.resources import data_context, plan_labeling, start_ray
 from pipeline.schema import LABELED_DIR, UNLABELED_DIR, VAL_DIR
@@ -77,7 +77,7 @@ class _Labels:
     def __init__(self, model: LabelModel, job: LabelJob, thresholds: list[float], folder: ImageFolder | None):
         self.with_masks = model.cfg.model.arch == "mask_rcnn"
         self.per_label = np.asarray(thresholds, dtype=np.float32)
-        self.category_of = {c["label"]: c["id"] for c in model.categories}
+        self.category_of, self.names = {c["label"]: c["id"] for c in model.categories}, model.names
         coco = [{"id": c["id"], "name": c["name"]} for c in sorted(model.categories, key=lambda c: c["id"])]
         self.writer = CocoWriter(job.out / "labels.json", coco, {"description": f"ssod label: {model.source}"})
         self.tally, self.queue = Tally(job.sweep), review.ReviewQueue(job.review)
@@ -96,7 +96,18 @@ class _Labels:
             self.seen[image_id - FIRST_IMAGE_ID] = 1
         u = review.uncertainty(row["teacher_labels"], row["teacher_scores"], self.per_label)
         self.queue.offer(image_id, u, {"file_name": file_name, "kept_boxes": int(kept.sum())},
-                         lambda: _picture(row, kept, masks))
+                         lambda: self._picture(row, kept))
+
+    def _picture(self, row: dict, kept: np.ndarray) -> tuple[torch.Tensor, dict]:
+        """The image with its kept boxes and the band's dropped ones, captioned `name score` (+ `dropped`)."""
+        shown = row["pl_scores"] >= self.per_label[row["pl_labels"]] - review.BAND_BELOW
+        image, labels, scores = torch.tensor(row["image"]), row["pl_labels"][shown], row["pl_scores"][shown]
+        target = {"boxes": torch.tensor(row["pl_boxes"].reshape(-1, 4)[shown]), "labels": torch.tensor(labels),
+                  "captions": [f"{self.names[int(k)]} {s:.2f}" + ("" if keep else " dropped")
+                               for k, s, keep in zip(labels, scores, kept[shown])]}
+        if self.with_masks:
+            target["masks"] = decode_masks([m for m, k in zip(row["pl_masks"], shown) if k], *image.shape[1:])
+        return image, target
 
 
 def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
@@ -104,7 +115,8 @@ def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
     _check(job)
     cfg = model.cfg.with_overrides({"data.flip_prob": 0.0, "ssl.max_staleness": NO_STALENESS_BOUND})
     thresholds, rule = label_thresholds(model, job.threshold)
-    floor = min([*thresholds[1:], *(SWEEP if job.sweep else ())])  # the labeler keeps all the sweep may need
+    # the labeler keeps every box the sweep and the review pictures may need
+    floor = min([*(t - review.BAND_BELOW for t in thresholds[1:]), *(SWEEP if job.sweep else ())])
     source = _source(job)
     job.out.mkdir(parents=True, exist_ok=True)
     start_ray(cfg, plan_labeling(cfg))
@@ -185,17 +197,8 @@ def _rows(dataset: ray.data.Dataset, total: int, clock: Clock) -> Iterator[dict]
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
             size = len(batch["image_id"])
             clock.block(size)
-            yield from ({k: v[i] for k, v in batch.items()} for i in range(size))
+            yield from batch_rows(batch)
             bar.update(size)
-
-
-def _picture(row: dict, kept: np.ndarray, masks: list[str] | None) -> tuple[torch.Tensor, dict]:
-    image = torch.tensor(row["image"])  # a copy: Ray Data hands out read-only arrays
-    target = {"boxes": torch.tensor(row["pl_boxes"].reshape(-1, 4)[kept]),
-              "labels": torch.tensor(row["pl_labels"][kept]), "scores": torch.tensor(row["pl_scores"][kept])}
-    if masks is not None:
-        target["masks"] = decode_masks(masks, *image.shape[1:])
-    return image, target
 
 
 def _skipped(labels: _Labels, source: _Source) -> Report:
@@ -219,7 +222,8 @@ def _report(model: LabelModel, source: _Source, labels: _Labels, thresholds: lis
         "boxes": sum(tally.per_class.values()),
         "boxes_per_class": {names[k]: tally.per_class.get(k, 0) for k in sorted(names)},
         **clock.rates(tally.read),
-        "labeler_images_per_s": round(tally.read / tally.label_seconds, 3) if tally.label_seconds else None,
+        # one actor's own rate (decode, teacher, thresholding), averaged over the actors
+        "images_per_s_per_actor": round(tally.read / tally.label_seconds, 3) if tally.label_seconds else None,
         # matched one-to-one at IoU >= 0.5 and the same class, as training's pseudo-label statistics are
         "quality": quality(tally.quality) if tally.quality.images else None,
     }

@@ -96,6 +96,7 @@ def _draw(image: Tensor, target: dict[str, Tensor], names: dict[int, str]) -> Te
         text = [names.get(label, str(label)) for label in labels]
         if scores is not None:
             text = [f"{t} {s:.2f}" for t, s in zip(text, scores.tolist())]
+        text = target.get("captions", text)  # the caller's own words for each box
         canvas = draw_bounding_boxes(canvas, boxes.detach().cpu().float(), labels=text, colors=colors, width=2,
                                      fill_labels=True)
     return canvas

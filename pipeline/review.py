@@ -4,7 +4,8 @@ Ranking rule: an image's *candidates* are the teacher's detections scoring at le
 the threshold of the detection's class. Its uncertainty is the share of candidates whose score falls
 in the middle band `[t - 0.2, t + 0.1)`: boxes the threshold barely dropped or barely kept. Images rank
 by that share (high first), ties by the mean candidate score (low first), then by image id. An image
-with no candidate ranks last (share 0, mean taken as 1).
+with no candidate ranks last (share 0, mean taken as 1). The grids draw each image's kept boxes and the
+band's dropped ones (captioned "dropped"), so a reviewer sees what the threshold decided.
 """
 from __future__ import annotations
 

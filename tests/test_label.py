@@ -19,6 +19,8 @@ from pipeline.local import train_local
 from pipeline.prepare import prepare
 from pipeline.synth import generate
 
+pytestmark = pytest.mark.slow  # a local Ray, training runs
+
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory) -> Path:
