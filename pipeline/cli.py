@@ -120,8 +120,6 @@ def _label(args: argparse.Namespace) -> None:
     from pipeline.label_model import from_checkpoint, from_registry
     from pipeline.label_report import summary_lines
 
-    if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise InputError(f"--threshold {args.threshold}: must be in (0, 1]")
     if args.model_uri:
         model = from_registry(args.model_uri, args.config, args.overrides, args.model)
     else:

@@ -113,7 +113,9 @@ class _Labels:
 def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
     """Label every image of the job's source with `model`; returns (and writes) the label report."""
     _check(job)
-    cfg = model.cfg.with_overrides({"data.flip_prob": 0.0, "ssl.max_staleness": NO_STALENESS_BOUND})
+    # no flip, no staleness bound (one fixed teacher), no trainers: what the training plan checks is moot
+    cfg = model.cfg.with_overrides({"data.flip_prob": 0.0, "ssl.max_staleness": NO_STALENESS_BOUND,
+                                    "ray.num_workers": 1, "train.device": "auto"})
     thresholds, rule = label_thresholds(model, job.threshold)
     # the labeler keeps every box the sweep and the review pictures may need
     floor = min([*(t - review.BAND_BELOW for t in thresholds[1:]), *(SWEEP if job.sweep else ())])
@@ -146,6 +148,8 @@ def _check(job: LabelJob) -> None:
         raise InputError(f"--split {job.split}: expected one of {', '.join(SPLIT_COUNTS)}")
     if job.review < 0:
         raise InputError(f"--review {job.review}: must be 0 or more")
+    if job.threshold is not None and not 0 < job.threshold <= 1:
+        raise InputError(f"--threshold {job.threshold}: must be in (0, 1]")
 
 
 def _source(job: LabelJob) -> _Source:

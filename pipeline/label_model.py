@@ -73,7 +73,7 @@ def _categories(cfg: Config, prepared: str | Path | None) -> list[dict]:
         if folder is not None and (Path(folder) / BUNDLE_CATEGORIES).is_file():
             return load_categories(folder)
     raise InputError(f"{Path(cfg.data.prepared) / BUNDLE_CATEGORIES}: the run's categories are not here; "
-                     "pass --prepared with the same categories, or --config with the right data.prepared")
+                     "point --set data.prepared=DIR at a prepared directory with the same categories")
 
 
 def from_registry(uri: str, config: str | Path | None, overrides: list[str], which: str) -> LabelModel:
