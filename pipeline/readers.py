@@ -54,7 +54,7 @@ class ImageFolder:
 
     def file_name(self, path: str) -> str:
         """A file's path relative to the folder: the rows' `file_name`."""
-        return path[len(self.root) :].lstrip("/")
+        return _relative(path, self.root)
 
 
 def list_image_folder(path: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> ImageFolder:
@@ -80,7 +80,7 @@ def read_image_folder(
     folder = path if isinstance(path, ImageFolder) else list_image_folder(path, filesystem)
     ids = {p: start_id + i for i, p in enumerate(folder.files)}
     return ray.data.read_binary_files(folder.files, include_paths=True, filesystem=folder.fs).map_batches(
-        _folder_rows, batch_format="pyarrow", batch_size=FOLDER_BATCH_ROWS, fn_kwargs={"folder": folder, "ids": ids}
+        _folder_rows, batch_format="pyarrow", batch_size=FOLDER_BATCH_ROWS, fn_kwargs={"root": folder.root, "ids": ids}
     )
 
 
@@ -96,7 +96,11 @@ def _require_dir(fs: pafs.FileSystem, path: str, message: str) -> None:
         raise InputError(message)
 
 
-def _folder_rows(batch: pa.Table, folder: ImageFolder, ids: dict[str, int]) -> pa.Table:
+def _relative(path: str, root: str) -> str:
+    return path[len(root) :].lstrip("/")
+
+
+def _folder_rows(batch: pa.Table, root: str, ids: dict[str, int]) -> pa.Table:
     rows = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
         try:
@@ -107,7 +111,7 @@ def _folder_rows(batch: pa.Table, folder: ImageFolder, ids: dict[str, int]) -> p
         rows.append(
             {
                 "image_id": ids[path],
-                "file_name": folder.file_name(path),
+                "file_name": _relative(path, root),
                 "width": width,
                 "height": height,
                 "image": to_rgb_png(data) if convert else data,
