@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from models.ema import unwrap
 from models.pseudo_labels import Threshold, filter_detections, teacher_detections
 from models.thresholds import AdaptiveThresholds
 from models.unbiased_teacher import (
@@ -19,11 +20,12 @@ from models.unbiased_teacher import (
 )
 from pipeline.augment import strong_view, to_float, to_model_target
 from pipeline.config import Config, dump_config
+from pipeline.divergence import SkipGuard
 from pipeline.evaluation import Evaluator
 from pipeline.readers import load_categories
 from pipeline.session import (
     PseudoLabelStats, build_optimizer, build_student_teacher, checkpoint_state, labeled_class_histogram,
-    load_checkpoint, resolve_device, to_device, write_metrics,
+    load_checkpoint, load_part, resolve_device, to_device, write_metrics,
 )
 
 MetricsSink = Callable[[int, dict[str, float]], None]
@@ -56,6 +58,8 @@ class TrainingRun:
         self.scores = AdaptiveThresholds(len(categories), ssl.threshold_floor, ssl.threshold_ceiling,
                                          ssl.threshold_window)
         self.step, self.skipped_steps, self.history = 0, 0, []
+        self.guard = SkipGuard(cfg.train.max_skipped_fraction, cfg.train.skip_window)
+        self.stop_reason: str | None = None  # set when the run must end early with an error (metrics.json keeps it)
         self.resumed_from_step: int | None = None
         self.sinks = sinks or []
         self.evaluator, self.tracker, self.last_pseudo = None, None, None
@@ -81,11 +85,9 @@ class TrainingRun:
 
     def restore(self, path: str | Path) -> None:
         state = load_checkpoint(path)
-        target = getattr(self.student, "module", self.student)
-        target.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for target, key in ((unwrap(self.student), "student"), (self.teacher, "teacher"),
+                            (self.optimizer, "optimizer"), (self.scheduler, "scheduler")):
+            load_part(target, state, key, path)
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
         self.history = json.loads(state["history"])
@@ -134,6 +136,8 @@ class TrainingRun:
                                        train.grad_clip_norm)
         self.step += 1
         self.skipped_steps += int(result.skipped)
+        self.guard.add(result.skipped)
+        self.stop_reason = self.stop_reason or self.guard.verdict(self.step, train.lr)
         self.scheduler.step()
         refresh_teacher(self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval,
                         ssl.ema_keep_rate)
@@ -205,9 +209,10 @@ class TrainingRun:
         }
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.stop_reason = self.stop_reason or self.guard.verdict(self.step, self.cfg.train.lr, final=True)
         if not self.history or self.history[-1]["step"] != self.step:
             self.evaluate()
-        metrics = {**self.metrics(), **(extra or {})}
+        metrics = {**self.metrics(), **(extra or {}), "stop_reason": self.stop_reason}
         write_metrics(self.run_dir, metrics)
         if self.tracker is not None:
             self.tracker.finish(metrics, self.teacher)

@@ -16,6 +16,8 @@ import time
 import ray
 import torch
 
+from pipeline.shards import Skipped
+
 NO_VERSION = -1
 
 
@@ -27,6 +29,7 @@ class TeacherWeightStore:
         self._thresholds: list[float] | None = None
         self._published_at = 0.0
         self._produced = self._consumed = self._gate_timeouts = 0
+        self._skipped = Skipped()  # damaged parts of the unlabeled pool, from the preflight, readers and labelers
 
     def publish(self, version: int, state: dict[str, torch.Tensor], thresholds: list[float] | None = None) -> int:
         """Store a teacher taken at student step `version` (with its per-class thresholds, if adaptive);
@@ -51,6 +54,12 @@ class TeacherWeightStore:
 
     def consumed(self, rows: int) -> None:
         self._consumed += rows
+
+    def skip(self, part: str, rows: int, why: str) -> None:
+        self._skipped.add(part, rows, why)
+
+    def skipped(self) -> dict:
+        return self._skipped.metrics()
 
     def counters(self) -> dict[str, int]:
         return {"produced": self._produced, "consumed": self._consumed, "gate_timeouts": self._gate_timeouts}
