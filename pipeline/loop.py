@@ -60,6 +60,7 @@ class TrainingRun:
         self.step, self.skipped_steps, self.history = 0, 0, []
         self.guard = SkipGuard(cfg.train.max_skipped_fraction, cfg.train.skip_window)
         self.stop_reason: str | None = None  # set when the run must end early with an error (metrics.json keeps it)
+        self.diverged = False
         self.resumed_from_step: int | None = None
         self.sinks = sinks or []
         self.evaluator, self.tracker, self.last_pseudo = None, None, None
@@ -137,7 +138,7 @@ class TrainingRun:
         self.step += 1
         self.skipped_steps += int(result.skipped)
         self.guard.add(result.skipped)
-        self.stop_reason = self.stop_reason or self.guard.verdict(self.step, train.lr)
+        self._check_divergence()
         self.scheduler.step()
         refresh_teacher(self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval,
                         ssl.ema_keep_rate)
@@ -147,6 +148,11 @@ class TrainingRun:
             self.log({**result.losses, "total_loss": result.total, "lr": self.scheduler.get_last_lr()[0],
                       "skipped_steps": self.skipped_steps, **self._pseudo_label_scalars()})
         return result
+
+    def _check_divergence(self, final: bool = False) -> None:
+        reason = None if self.stop_reason else self.guard.verdict(self.step, self.cfg.train.lr, final)
+        if reason:
+            self.stop_reason, self.diverged = reason, True
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _pseudo_label_scalars(self) -> dict[str, float]:
@@ -209,9 +215,9 @@ class TrainingRun:
         }
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.stop_reason = self.stop_reason or self.guard.verdict(self.step, self.cfg.train.lr, final=True)
-        if not self.history or self.history[-1]["step"] != self.step:
-            self.evaluate()
+        self._check_divergence(final=True)
+        if not self.diverged and (not self.history or self.history[-1]["step"] != self.step):
+            self.evaluate()  # (diverged weights would score nothing, or fail to)
         metrics = {**self.metrics(), **(extra or {}), "stop_reason": self.stop_reason}
         write_metrics(self.run_dir, metrics)
         if self.tracker is not None:

@@ -84,12 +84,12 @@ def _check_pool(prepared: Path, split: dict, cfg: Config, inputs: RunInputs) -> 
             inputs.pool.append(group)
         except READ_ERRORS as exc:
             inputs.skipped.add(group.name, group.rows, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    _same_ids(prepared, UNLABELED_DIR, split[UNLABELED_DIR], ids, complete=not inputs.skipped.parts)
     folder = cfg.train.backend == "ray" and cfg.data.unlabeled_folder  # the local runner reads no folder
     if not inputs.pool_rows and not folder:
         damaged = " (every shard of it is corrupt)" if inputs.skipped.parts else ""
         raise InputError(f"{directory}: the unlabeled pool is empty{damaged}; mutual learning needs unlabeled "
                          "images: prepare with a lower --percent or with --unlabeled-images")
+    _same_ids(prepared, UNLABELED_DIR, split[UNLABELED_DIR], ids, complete=not inputs.skipped.parts)
 
 
 def _same_ids(prepared: Path, split_name: str, listed: list[int], found: list[int], complete: bool) -> None:
