@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -18,6 +17,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from models.backbones import DEFAULT_ANCHORS, IMAGE_NORMALIZATION, SMALL_HEAD_BACKBONES, build_backbone
 from models.losses import FocalRoIHeads
 from models.pretrained import load_pretrained
+from models.torch_files import TensorFileError, load_tensor_file
 
 ARCHS = ("faster_rcnn", "mask_rcnn")
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -96,14 +96,15 @@ def build_detector(
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a detector state dict, one of our checkpoints (its teacher), or backbone-only weights."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensor_file(path)
     except FileNotFoundError:
         raise WeightsFileError(f"{path}: weights file not found") from None
-    except Exception as exc:  # pickle/zip errors: the file is not a torch weights file
-        raise WeightsFileError(f"{path}: not a loadable weights file ({type(exc).__name__}: {exc})") from None
+    except TensorFileError as exc:
+        raise WeightsFileError(f"{path}: {exc}") from None
     if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
         state = state["teacher"]
-    if not isinstance(state, dict) or not state:
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise WeightsFileError(f"{path}: expected a state dict (name -> tensor)")
     target = model if any(k.startswith("backbone.") for k in state) else model.backbone.body
     own = target.state_dict()

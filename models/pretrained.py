@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, WeightsEnum
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights, MaskRCNN_ResNet50_FPN_Weights
 
+from models.torch_files import TensorFileError, load_tensor_file
+
 PRETRAINED = ("none", "imagenet", "coco")
 # backbone -> the `pretrained` modes it supports besides "none"
 SUPPORTED = {
@@ -53,9 +55,9 @@ def _torchvision_state(weights: WeightsEnum, mode: str) -> dict[str, Tensor]:
             f"model.pretrained={mode}: {path.name} is not in torchvision's cache; download {weights.url} "
             f"to {path} (or point TORCH_HOME at a cache that has it)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated download or another file under that name
-        raise PretrainedWeightsError(f"{path}: not a loadable weights file ({type(exc).__name__})") from None
+        return load_tensor_file(path)
+    except TensorFileError as exc:  # a truncated download or another file under that name
+        raise PretrainedWeightsError(f"{path}: {exc}") from None
 
 
 def efficientnet_lite0_imagenet() -> dict[str, Tensor]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import struct
 from collections import Counter
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.annotations import clean_box, valid_segmentation
 from pipeline.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -128,21 +128,6 @@ def category_table(categories: list[dict]) -> list[dict]:
     """Categories sorted by COCO id with contiguous model labels 1..K."""
     ordered = sorted(categories, key=lambda c: c["id"])
     return [{"id": c["id"], "name": str(c.get("name", c["id"])), "label": k} for k, c in enumerate(ordered, 1)]
-
-
-def clean_box(bbox: Any, width: int, height: int) -> tuple[str, list[float] | None]:
-    """COCO xywh -> ("ok" | "clipped", xyxy inside the image) or ("degenerate" | "outside", None)."""
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        return "degenerate", None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        return "degenerate", None
-    box = [x, y, x + w, y + h]
-    clipped = [max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))]
-    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-        return "outside", None
-    return ("clipped" if clipped != box else "ok"), clipped
 
 
 def list_image_files(folder: Path) -> list[Path]:
@@ -295,6 +280,9 @@ def _add_annotation(
     if status == "clipped":
         report.add("clipped_boxes", record.file_name)
     ann = {**ann, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
+    if ann.get("segmentation") and not valid_segmentation(ann["segmentation"], record.height, record.width):
+        report.add("dropped_invalid_segmentations", record.file_name)  # the box stays: it is still a good label
+        ann.pop("segmentation")
     if ann.get("iscrowd"):
         report.add("crowd_annotations", record.file_name)
     record.annotations.append(ann)

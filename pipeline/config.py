@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.ema import keep_rate_from_span
+from models.backbones import DEFAULT_ANCHORS
 from models.pretrained import check_supported
 from pipeline.errors import InputError
 
@@ -20,7 +21,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default: a sqlite f
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused everywhere: `train.lr=.inf` destroyed the weights at step 1.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -33,12 +35,12 @@ class ModelConfig(_Section):
     # The weak view's resize happens inside torchvision's detector transform: in training the shortest
     # edge is drawn from `min_size`, at test time the last entry is used. torchvision's 800 px default
     # is far too big for CPU work.
-    min_size: list[int] = Field(default_factory=lambda: [288, 320, 352], min_length=1)
+    min_size: list[Annotated[int, Field(ge=32)]] = Field(default_factory=lambda: [288, 320, 352], min_length=1)
     max_size: int = Field(512, ge=32)
     roi_loss: Literal["focal", "ce"] = "focal"
     focal_gamma: float = Field(1.5, ge=0)
     # One tuple of anchor sizes per feature map; None = the backbone's default.
-    anchor_sizes: list[list[int]] | None = None
+    anchor_sizes: list[list[Annotated[int, Field(ge=1)]]] | None = None
     detections_per_image: int = Field(100, ge=1)
     # ROIs sampled per image for the ROI head loss (reference 512). ROI-align backward dominates a CPU
     # step, so small images with few objects train much faster at 128.
@@ -47,6 +49,15 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _pretrained_exists(self) -> "ModelConfig":
         check_supported(self.backbone, self.pretrained)
+        return self
+
+    @model_validator(mode="after")
+    def _anchors_fit(self) -> "ModelConfig":
+        levels = len(DEFAULT_ANCHORS[self.backbone])
+        sizes = self.anchor_sizes
+        if sizes is not None and (len(sizes) != levels or len({len(s) for s in sizes}) != 1 or not sizes[0]):
+            raise ValueError(f"model.anchor_sizes needs {levels} lists (one per feature map of {self.backbone}), "
+                             "all of the same non-zero length")
         return self
 
 
@@ -113,6 +124,10 @@ class TrainConfig(_Section):
     log_period: int = Field(20, ge=1)
     seed: int = 0
     target_ap: float | None = Field(None, gt=0, le=100)
+    # A run stops with an error when more than this fraction of the last `skip_window` steps were skipped
+    # (non-finite loss or gradient): a diverged run must not end as a success.
+    max_skipped_fraction: float = Field(0.5, ge=0, le=1)
+    skip_window: int = Field(20, ge=1)
 
 
 class RayConfig(_Section):
@@ -132,8 +147,8 @@ class RayConfig(_Section):
 class TrackingConfig(_Section):
     enabled: bool = True
     uri: str | None = None
-    experiment: str = "ssod"
-    registered_model_name: str | None = "ssod-teacher"
+    experiment: str = Field("ssod", min_length=1)
+    registered_model_name: str | None = Field("ssod-teacher", min_length=1)
     log_images: int = Field(8, ge=0)
 
 
@@ -182,6 +197,13 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _burn_in_ends(self) -> "Config":
+        if self.ssl.burn_in_steps > self.train.steps:
+            raise ValueError(f"ssl.burn_in_steps ({self.ssl.burn_in_steps}) exceeds train.steps ({self.train.steps}): "
+                             "the teacher would never be copied from the student")
+        return self
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> "Config":
@@ -258,11 +280,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
+            tree = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise InputError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: cannot read the config file: {exc}") from None
         except yaml.YAMLError as exc:
             raise InputError(f"{path}: malformed YAML: {exc}".replace("\n", " ")) from None
+        if tree is None:
+            raise InputError(f"{path}: the config file is empty")
         if not isinstance(tree, dict):
             raise InputError(f"{path}: expected a mapping of sections at the top level")
     for assignment in overrides or []:

@@ -6,15 +6,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
+from pipeline.annotations import valid_segmentation
 from pipeline.augment import make_target
+from pipeline.coco_io import load_coco
 from pipeline.errors import InputError
 from pipeline.schema import LABELED_DIR, VAL_GT_FILE
+from pipeline.shards import read_rows
+
+
+# What decoding a row raises on damaged image bytes (torchvision's decoders, an empty buffer).
+DECODE_FAILURES = (RuntimeError, ValueError)
 
 
 def decode_image_bytes(data: bytes) -> tv_tensors.Image:
@@ -52,24 +58,42 @@ def decode_row(row: dict[str, Any], with_masks: bool = False) -> tuple[tv_tensor
 
 
 def require_segmentations(prepared: str | Path) -> None:
-    """Mask R-CNN needs a mask for every labeled box and for the validation ground truth: without this
-    check a set without segmentations trains the mask head on empty masks and reports a meaningless mask AP."""
+    """Mask R-CNN needs a usable mask for every labeled box and for the validation ground truth: without this
+    check a set without segmentations trains the mask head on empty masks and reports a meaningless mask AP,
+    and a malformed one fails mid-training."""
     labeled = Path(prepared) / LABELED_DIR
-    segs = [s for row in read_rows(labeled, columns=["segmentations"]) for s in row["segmentations"]]
-    missing = sum(1 for s in segs if not s)
+    rows = read_rows(labeled, columns=["image_id", "width", "height", "segmentations"])
+    segs = [(r, s) for r in rows for s in r["segmentations"]]
+    missing = sum(1 for _, s in segs if not s)
     if missing:
         raise InputError(f"{labeled}: {missing} of {len(segs)} labeled boxes have no segmentation; "
                          "model.arch=mask_rcnn needs polygon or RLE masks (`ssod synth --masks`, or COCO "
                          "annotations with `segmentation`)")
-    val_gt = Path(prepared) / VAL_GT_FILE
-    if val_gt.exists() and any(not a.get("segmentation") for a in json.loads(val_gt.read_text())["annotations"]):
-        raise InputError(f"{val_gt}: validation boxes without segmentation; model.arch=mask_rcnn scores masks")
+    bad = next((r["image_id"] for r, s in segs if not valid_segmentation(_json(s), r["height"], r["width"])), None)
+    if bad is not None:
+        raise InputError(f"{labeled}: image {bad} has a segmentation that is neither polygons nor an RLE of its "
+                         "size; run `ssod prepare` again (it drops and counts those)")
+    _require_val_segmentations(Path(prepared) / VAL_GT_FILE)
 
 
-def read_rows(directory: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    """All rows of one prepared split (for the local trainer and evaluation on small sets)."""
-    files = sorted(Path(directory).glob("*.parquet"))
-    return [row for f in files for row in pq.read_table(f, columns=columns).to_pylist()]
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _require_val_segmentations(val_gt: Path) -> None:
+    if not val_gt.exists():
+        return
+    coco = load_coco(val_gt)
+    sizes = {i["id"]: (i.get("height"), i.get("width")) for i in coco["images"]}
+    for a in coco["annotations"]:
+        if not a.get("segmentation"):
+            raise InputError(f"{val_gt}: validation boxes without segmentation; model.arch=mask_rcnn scores masks")
+        if not valid_segmentation(a["segmentation"], *sizes.get(a["image_id"], (0, 0))):
+            raise InputError(f"{val_gt}: annotation {a.get('id')} has a segmentation that is neither polygons "
+                             "nor an RLE of its image's size")
 
 
 def infinite_indices(n: int, seed: int) -> Iterator[int]:

@@ -1,7 +1,6 @@
 """Score a detector on the prepared validation split with pycocotools."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from models.ema import unwrap
 from pipeline.augment import to_float
 from pipeline.config import Config
+from pipeline.coco_io import load_coco
 from pipeline.data import decode_image_bytes, read_rows
 from pipeline.errors import InputError
 from pipeline.readers import load_categories
@@ -22,13 +22,11 @@ class Evaluator:
 
     def __init__(self, prepared: str | Path, label_to_category: dict[int, int], with_masks: bool,
                  max_images: int | None = None, batch_size: int = 8):
-        gt_path = Path(prepared) / VAL_GT_FILE
-        if not gt_path.exists():
-            raise InputError(f"{gt_path}: no validation set; run `ssod prepare` with --val-annotations")
+        gt = load_val_set(prepared)
         rows = read_rows(Path(prepared) / VAL_DIR, columns=["image_id", "image"])[:max_images]
         self.image_ids = [r["image_id"] for r in rows]
         self.images = [decode_image_bytes(r["image"]) for r in rows]
-        self.gt = _restrict(json.loads(gt_path.read_text()), set(self.image_ids))
+        self.gt = _restrict(gt, set(self.image_ids))
         self.label_to_category = label_to_category
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.batch_size = batch_size
@@ -54,6 +52,14 @@ class Evaluator:
                 results += to_coco_results(self.image_ids[start:start + len(batch)], outputs, self.label_to_category)
         model.train(was_training)
         return score_coco(self.gt, results, self.iou_types)
+
+
+def load_val_set(prepared: str | Path) -> dict:
+    """The validation ground truth (COCO); a prepared set without one cannot be scored."""
+    gt_path = Path(prepared) / VAL_GT_FILE
+    if not gt_path.exists():
+        raise InputError(f"{gt_path}: no validation set; run `ssod prepare` with --val-annotations")
+    return load_coco(gt_path)
 
 
 def _restrict(gt: dict, image_ids: set[int]) -> dict:

@@ -17,7 +17,8 @@ from models.builders import build_detector
 from models.pseudo_labels import Threshold, filter_detections, teacher_detections
 from pipeline.augment import strong_view, to_float, weak_transform
 from pipeline.config import Config
-from pipeline.data import decode_row
+from pipeline.data import DECODE_FAILURES, decode_row
+from pipeline.errors import InputError
 from pipeline.weights import NO_VERSION
 
 Batch = dict[str, np.ndarray]
@@ -63,7 +64,10 @@ def labeled_views(batch: Batch, *, with_masks: bool, flip_prob: float) -> Batch:
     weak = weak_transform(flip_prob)
     out: dict[str, list] = {"image_id": [], "weak": [], "strong": [], "boxes": [], "labels": [], "masks": []}
     for row in batch_rows(batch):
-        image, target = weak(*decode_row(row, with_masks))
+        try:
+            image, target = weak(*decode_row(row, with_masks))
+        except DECODE_FAILURES:
+            raise InputError(f"labeled image {row['image_id']} does not decode; run `ssod prepare` again") from None
         out["image_id"].append(row["image_id"])
         out["weak"].append(image.numpy())
         out["strong"].append(strong_view(image).numpy())
@@ -113,14 +117,14 @@ class TeacherLabeler:
         self._refresh_weights()
         self.batches += 1
         started = time.perf_counter()
-        samples = [self.weak(*decode_row(row)) for row in batch_rows(batch)]
+        decodable, samples = self._decode(batch)
         images = [to_float(image).to(self.device) for image, _ in samples]
         detections = teacher_detections(self.model, images)
         kept = [filter_detections(d, self.threshold) for d in detections]
         seconds = (time.perf_counter() - started) / max(len(samples), 1)
         return {
-            "image_id": batch["image_id"],
-            "file_name": batch["file_name"],
+            "image_id": batch["image_id"][decodable],
+            "file_name": batch["file_name"][decodable],
             "image": [image.numpy() for image, _ in samples],
             "pl_boxes": [_flat(k["boxes"].cpu()) for k in kept],
             "pl_labels": [k["labels"].cpu().numpy() for k in kept],
@@ -128,13 +132,24 @@ class TeacherLabeler:
             "pl_masks": [encode_masks(k["masks"]) if self.with_masks else [] for k in kept],
             "gt_boxes": [_flat(t["boxes"]) for _, t in samples],
             "gt_labels": [t["labels"].numpy() for _, t in samples],
-            "annotated": batch["annotated"],
+            "annotated": batch["annotated"][decodable],
             # every detection's score, before thresholding: what the trainer fits adaptive thresholds on
             "teacher_labels": [d["labels"].cpu().numpy() for d in detections],
             "teacher_scores": [d["scores"].cpu().numpy().astype(np.float32) for d in detections],
             "teacher_version": np.full(len(samples), self.version, dtype=np.int64),
             "label_seconds": np.full(len(samples), seconds, dtype=np.float64),
         }
+
+    def _decode(self, batch: Batch) -> tuple[list[int], list[tuple]]:
+        """Weak views of the rows that decode; the others are skipped and counted in the store."""
+        kept, samples = [], []
+        for i, row in enumerate(batch_rows(batch)):
+            try:
+                samples.append(self.weak(*decode_row(row)))
+                kept.append(i)
+            except DECODE_FAILURES:
+                self.store.skip.remote(f"image {row['image_id']}", 1, "undecodable image bytes")
+        return kept, samples
 
 
 def add_strong_views(batch: Batch) -> Batch:

@@ -8,32 +8,61 @@ from models.pseudo_labels import filter_detections, teacher_detections
 from models.unbiased_teacher import Batch
 from pipeline.augment import strong_view, to_float, to_model_target, weak_transform
 from pipeline.config import Config
-from pipeline.data import decode_row, infinite_indices, read_rows, require_segmentations
+from pipeline.data import DECODE_FAILURES, decode_row, infinite_indices
+from pipeline.errors import InputError
 from pipeline.loop import TrainingRun, print_sink
+from pipeline.preflight import RunInputs, check_run
 from pipeline.schema import LABELED_DIR, UNLABELED_DIR
 from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
+from pipeline.shards import Skipped, read_pool, read_rows
 
 
 class SampleStream:
-    """Endless, reshuffled weak views of one prepared split, decoded on demand."""
+    """Endless, reshuffled weak views of one prepared split, decoded on demand.
 
-    def __init__(self, rows: list[dict[str, Any]], seed: int, with_masks: bool, flip_prob: float):
-        self.rows, self.with_masks = rows, with_masks
+    With `skipped` (the unlabeled pool) an undecodable image is skipped and counted; without it (the
+    labeled split) it is an InputError naming the image.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], seed: int, with_masks: bool, flip_prob: float,
+                 where: Path, skipped: Skipped | None = None):
+        self.rows, self.with_masks, self.where, self.skipped = rows, with_masks, where, skipped
         self.order: Iterator[int] = infinite_indices(len(rows), seed)
         self.weak = weak_transform(flip_prob)
+        self.bad: set[int] = set()
 
     def next(self, n: int) -> list[tuple[dict[str, Any], Any, dict]]:
-        rows = [self.rows[next(self.order)] for _ in range(n)]
-        return [(row, *self.weak(*decode_row(row, self.with_masks))) for row in rows]
+        samples = []
+        while len(samples) < n:
+            index = next(self.order)
+            if index in self.bad:
+                continue
+            row = self.rows[index]
+            try:
+                samples.append((row, *self.weak(*decode_row(row, self.with_masks))))
+            except DECODE_FAILURES:
+                self._undecodable(index, row)
+        return samples
+
+    def _undecodable(self, index: int, row: dict[str, Any]) -> None:
+        if self.skipped is None:
+            raise InputError(f"{self.where}: image {row['image_id']} does not decode; run `ssod prepare` again")
+        self.bad.add(index)
+        self.skipped.add(f"image {row['image_id']}", 1, "undecodable image bytes")
+        if len(self.bad) == len(self.rows):
+            raise InputError(f"{self.where}: no image of the unlabeled pool decodes")
 
 
 class LocalFeed:
     """In-process streams of the prepared splits; the run's own teacher labels the unlabeled one."""
 
-    def __init__(self, cfg: Config, with_masks: bool):
+    def __init__(self, cfg: Config, with_masks: bool, inputs: RunInputs):
         prepared, train = Path(cfg.data.prepared), cfg.train
-        self.labeled = SampleStream(read_rows(prepared / LABELED_DIR), train.seed, with_masks, cfg.data.flip_prob)
-        self.unlabeled = SampleStream(read_rows(prepared / UNLABELED_DIR), train.seed + 1, False, cfg.data.flip_prob)
+        self.labeled = SampleStream(read_rows(prepared / LABELED_DIR), train.seed, with_masks, cfg.data.flip_prob,
+                                    prepared / LABELED_DIR)
+        self.unlabeled = SampleStream(read_pool(inputs.pool, inputs.skipped), train.seed + 1, False,
+                                      cfg.data.flip_prob, prepared / UNLABELED_DIR, inputs.skipped)
+        self.skipped = inputs.skipped
         self.batch_size_labeled, self.batch_size_unlabeled = train.batch_size_labeled, train.batch_size_unlabeled
 
     def labeled_batch(self) -> Batch:
@@ -60,16 +89,16 @@ class LocalFeed:
         save_checkpoint(run.state(), run.run_dir)
 
     def finish(self, run: TrainingRun) -> dict[str, Any]:
-        metrics = run.finish()
-        save_checkpoint(run.state(), run.run_dir)
+        metrics = run.finish(self.skipped.metrics())
+        if run.stop_reason is None:  # a diverged run keeps its last periodic checkpoint, not the broken weights
+            save_checkpoint(run.state(), run.run_dir)
         return metrics
 
 
 def train_local(cfg: Config, sinks: list | None = None) -> dict[str, Any]:
-    if cfg.model.arch == "mask_rcnn":
-        require_segmentations(cfg.data.prepared)
+    inputs = check_run(cfg)
     run_dir = Path(cfg.train.output_dir)
     run = TrainingRun(cfg, run_dir, sinks=[print_sink, *(sinks or [])])
     if (run_dir / CHECKPOINT_NAME).exists():
         run.restore(run_dir / CHECKPOINT_NAME)
-    return run.run(LocalFeed(cfg, run.with_masks))
+    return run.run(LocalFeed(cfg, run.with_masks, inputs))

@@ -20,11 +20,13 @@ from models.unbiased_teacher import (
     Batch, StepResult, in_mutual_learning, refresh_teacher, unbiased_teacher_step, without_scores,
 )
 from pipeline.config import Config, dump_config
+from pipeline.divergence import SkipGuard
 from pipeline.evaluation import Evaluator
 from pipeline.readers import load_categories
+from pipeline.schema import UNLABELED_DIR
 from pipeline.session import (
     PseudoLabelStats, build_optimizer, build_student_teacher, checkpoint_state, labeled_class_histogram,
-    load_checkpoint, resolve_device, to_device, write_metrics,
+    load_checkpoint, load_part, resolve_device, to_device, write_metrics,
 )
 
 MetricsSink = Callable[[int, dict[str, float]], None]
@@ -79,6 +81,9 @@ class TrainingRun:
         self.scores = AdaptiveThresholds(len(categories), ssl.threshold_floor, ssl.threshold_ceiling,
                                          ssl.threshold_window)
         self.step, self.skipped_steps, self.history, self.checkpoint_steps = 0, 0, [], []
+        self.guard = SkipGuard(cfg.train.max_skipped_fraction, cfg.train.skip_window)
+        self.stop_reason: str | None = None  # set when the run must end early with an error (metrics.json keeps it)
+        self.diverged = False
         self.resumed_from_step: int | None = None
         self.sinks = sinks or []
         self.evaluator, self.tracker, self.last_pseudo = None, None, None
@@ -102,8 +107,12 @@ class TrainingRun:
             mutual = self.in_mutual_learning()
             pseudo = feed.pseudo_batch(self) if mutual else None
             if feed.any_rank(mutual and pseudo is None):
-                break  # the unlabeled stream ran dry
+                self.stop_reason = (f"{Path(self.cfg.data.prepared) / UNLABELED_DIR}: the unlabeled stream ran dry at "
+                                    f"step {self.step} of {train.steps} (corrupt_rows_skipped in metrics.json)")
+                break
             self.train_step(feed.labeled_batch(), pseudo)
+            if self.stop_reason is not None:
+                break  # diverged: every rank skipped the same steps, so all stop here together
             feed.after_step(self)
             evaluate = self.should_evaluate()
             if evaluate and self.rank == 0:
@@ -125,10 +134,9 @@ class TrainingRun:
 
     def restore(self, path: str | Path) -> None:
         state = load_checkpoint(path)
-        unwrap(self.student).load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for target, key in ((unwrap(self.student), "student"), (self.teacher, "teacher"),
+                            (self.optimizer, "optimizer"), (self.scheduler, "scheduler")):
+            load_part(target, state, key, path)
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
         self.history = json.loads(state["history"])
@@ -176,6 +184,8 @@ class TrainingRun:
                                        train.grad_clip_norm)
         self.step += 1
         self.skipped_steps += int(result.skipped)
+        self.guard.add(result.skipped)
+        self._check_divergence()
         self.scheduler.step()
         refresh_teacher(self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval,
                         ssl.ema_keep_rate)
@@ -185,6 +195,11 @@ class TrainingRun:
             self.log({**result.losses, "total_loss": result.total, "lr": self.scheduler.get_last_lr()[0],
                       "skipped_steps": self.skipped_steps, **self._pseudo_label_scalars()})
         return result
+
+    def _check_divergence(self, final: bool = False) -> None:
+        reason = None if self.stop_reason else self.guard.verdict(self.step, self.cfg.train.lr, final)
+        if reason:
+            self.stop_reason, self.diverged = reason, True
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _pseudo_label_scalars(self) -> dict[str, float]:
@@ -248,9 +263,10 @@ class TrainingRun:
         }
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        if not self.history or self.history[-1]["step"] != self.step:
-            self.evaluate()
-        metrics = {**self.metrics(), **(extra or {})}
+        self._check_divergence(final=True)
+        if not self.diverged and (not self.history or self.history[-1]["step"] != self.step):
+            self.evaluate()  # (diverged weights would score nothing, or fail to)
+        metrics = {**self.metrics(), **(extra or {}), "stop_reason": self.stop_reason}
         write_metrics(self.run_dir, metrics)
         if self.tracker is not None:
             self.tracker.finish(metrics, self.teacher)

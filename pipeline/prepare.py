@@ -30,6 +30,7 @@ from pipeline.coco_io import (
     write_json,
 )
 from pipeline.errors import InputError
+from pipeline.paths import output_errors, writable_dir
 
 ROW_GROUP_SIZE = 16
 PROBLEMS = (
@@ -37,8 +38,10 @@ PROBLEMS = (
     "corrupt_images",
     "converted_images",
     "size_mismatch_images",
+    "dropped_malformed_boxes",
     "dropped_degenerate_boxes",
     "clipped_boxes",
+    "dropped_invalid_segmentations",
     "dropped_outside_boxes",
     "unknown_category_annotations",
     "crowd_annotations",
@@ -76,6 +79,7 @@ def prepare(
     """Clean, split and shard the inputs into `out`; return (and write) the report."""
     started = time.perf_counter()
     _check_options(percent, shard_rows, val_annotations, val_images)
+    out = _check_out(Path(out), keeps_val=val_annotations is not None)
     report = Report()
     sources = read_sources(annotations, images, val_annotations, val_images, unlabeled_images, report)
     candidates = [r.image_id for r in sources.train if r.has_boxes]
@@ -85,10 +89,10 @@ def prepare(
     labeled = [r for r in sources.train if r.image_id in labeled_ids]
     unlabeled = [r for r in sources.train if r.image_id not in labeled_ids] + sources.extras
     splits = {schema.LABELED_DIR: labeled, schema.UNLABELED_DIR: unlabeled, schema.VAL_DIR: sources.val}
-    out = Path(out)
-    write_outputs(out, splits, sources, percent, seed, shard_rows)
-    result = _summary(report, splits, sources, time.perf_counter() - started)
-    write_json(out / schema.REPORT_FILE, result)
+    with output_errors(out, "the prepared set"):
+        write_outputs(out, splits, sources, percent, seed, shard_rows)
+        result = _summary(report, splits, sources, time.perf_counter() - started)
+        write_json(out / schema.REPORT_FILE, result)
     return result
 
 
@@ -99,6 +103,17 @@ def _check_options(percent: float, shard_rows: int, val_annotations: object, val
         raise InputError(f"--shard-rows must be at least 1, got {shard_rows}")
     if (val_annotations is None) != (val_images is None):
         raise InputError("--val-annotations and --val-images must be given together")
+
+
+def _check_out(out: Path, keeps_val: bool) -> Path:
+    """Before hours of image decoding: `--out` must be writable, and rewriting a prepared set must not
+    silently drop its validation set."""
+    if out.is_dir() and any(out.iterdir()) and not (out / schema.SPLIT_FILE).exists():
+        raise InputError(f"{out}: --out is a non-empty directory that holds no prepared set; choose a new one")
+    if not keeps_val and (out / schema.VAL_GT_FILE).exists():
+        raise InputError(f"{out}: --out holds a validation set ({schema.VAL_GT_FILE}) that this run would delete; "
+                         "give --val-annotations and --val-images again, or choose another --out")
+    return writable_dir(out, "--out")
 
 
 def _existing_dir(path: str | Path, what: str) -> Path:
@@ -123,6 +138,8 @@ def read_sources(
     val_dir = _existing_dir(val_images, "validation images") if val_images is not None else None
     extra_dir = _existing_dir(unlabeled_images, "unlabeled images") if unlabeled_images is not None else None
     extra_paths = list_image_files(extra_dir) if extra_dir is not None else []
+    if extra_dir is not None and not extra_paths:
+        raise InputError(f"{extra_dir}: --unlabeled-images holds no image files")
     entries = [(images_dir, e) for e in train_coco["images"]]
     entries += [(val_dir, e) for e in val_coco["images"]] if val_coco is not None else []
     paths = [folder / str(e["file_name"]) for folder, e in entries] + extra_paths

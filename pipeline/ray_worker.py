@@ -24,10 +24,8 @@ from pipeline.config import Config
 from pipeline.labeler import batch_rows, decode_masks
 from pipeline.loop import TrainingRun, print_sink
 from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
+from pipeline.streams import LABELED, UNLABELED
 from pipeline.weights import publish
-
-LABELED, UNLABELED = "labeled", "unlabeled"
-
 
 def _epochs(shard, batch_size: int) -> Iterator[dict]:
     """Endless labeled batches; shards are equal-sized, so every rank crosses epochs at the same step."""
@@ -158,10 +156,11 @@ class RayFeed:
         fresh = self.fresh
         per_worker = _gather({"rows": fresh.taken if fresh else 0, "versions": sorted(fresh.versions) if fresh else []})
         extra = {**(fresh.summary() if fresh else {"stale_rows_dropped": 0}), **ray.get(self.store.counters.remote()),
+                 **ray.get(self.store.skipped.remote()),
                  "pseudo_rows_per_worker": [w["rows"] for w in per_worker],
                  "teacher_versions_seen": sorted({v for w in per_worker for v in w["versions"]})}
         metrics = run.finish(extra) if run.rank == 0 else {}
-        if run.rank == 0:  # beside metrics.json, as the local runner leaves it (Ray Train keeps its own copies)
+        if run.rank == 0 and run.stop_reason is None:  # beside metrics.json, as the local runner leaves it
             save_checkpoint(run.state(), run.run_dir)
         _report(run, {"step": run.step, **_latest_ap(run), "metrics_json": json.dumps(metrics)})
         return metrics

@@ -130,6 +130,12 @@ def load_split(prepared_dir: str | Path) -> dict:
     split = read_json(path)
     if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("labeled", "unlabeled")):
         raise InputError(f"{path}: not a split file (needs 'labeled' and 'unlabeled' id lists)")
+    for key in ("labeled", "unlabeled"):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in split[key]):
+            raise InputError(f"{path}: '{key}' must list integer COCO image ids")
+        count = split.setdefault(f"num_{key}", len(split[key]))  # the counts are derived: older files lack them
+        if count != len(split[key]):
+            raise InputError(f"{path}: num_{key} is {count!r} but '{key}' lists {len(split[key])} ids")
     return split
 
 

@@ -15,10 +15,12 @@ from torchvision.ops import box_iou
 from models.builders import WeightsFileError, build_detector
 from models.ema import unwrap
 from models.pretrained import PretrainedWeightsError
+from models.torch_files import TensorFileError, load_tensor_file
 from models.unbiased_teacher import Batch
 from pipeline.augment import to_float
 from pipeline.config import Config
 from pipeline.errors import InputError
+from pipeline.paths import output_errors
 from pipeline.schema import LABELED_DIR
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -157,23 +159,40 @@ def checkpoint_state(student: nn.Module, teacher: nn.Module, optimizer, schedule
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
     path = Path(directory) / CHECKPOINT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+    with output_errors(path, "the checkpoint"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint of `ssod train` (student, teacher, optimizer, scheduler, step, ...)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensor_file(path)
     except FileNotFoundError:
         raise InputError(f"{path}: checkpoint not found") from None
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    except TensorFileError as exc:
+        raise InputError(f"{path}: not a readable checkpoint: {exc}") from None
+    if not isinstance(state, dict) or not {"student", "teacher", "step"} <= state.keys():
+        raise InputError(f"{path}: not a checkpoint of `ssod train` (needs student, teacher and step)")
+    return state
+
+
+def load_part(target: Any, state: dict[str, Any], key: str, path: str | Path) -> None:
+    """`target.load_state_dict(state[key])` (a model, optimizer or scheduler), a mismatch named in one line."""
+    try:
+        target.load_state_dict(state[key])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:160]
+        raise InputError(f"{path}: its {key} does not fit this config (another model.arch, model.backbone or "
+                         f"set of classes?): {detail}") from None
 
 
 def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     path = Path(run_dir) / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2))
+    with output_errors(path, "metrics"):
+        path.write_text(json.dumps(metrics, indent=2))
     return path

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.errors import InputError
+from pipeline.paths import writable_dir
 
 CLASS_NAMES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "hexagon", "arrow", "crescent",
@@ -324,6 +325,7 @@ def _check_args(out: Path, num_images: int, seed: int, val_fraction: float) -> N
     for split in ("train", "val"):
         if (out / split).exists():
             raise InputError(f"{out / split} already exists; choose a new output directory")
+    writable_dir(out, "the synth output directory")
 
 
 def generate(out_dir: str | Path, num_images: int, seed: int, masks: bool = False,

@@ -33,6 +33,7 @@ from torch import Tensor
 import models
 from pipeline import plots
 from pipeline.config import Config, tracking_uri
+from pipeline.errors import InputError
 from pipeline.label_model import write_bundle
 
 
@@ -67,8 +68,8 @@ class Tracker:
             return None
         if self.run_id is not None:
             return self.run_id
+        self._client = open_client(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        self._client = MlflowClient(self.uri)
         tags = {**{k: str(v) for k, v in self.tags.items()}, "run_dir": str(self.run_dir.resolve())}
         if self.parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
@@ -177,6 +178,15 @@ class Tracker:
                 )
         finally:
             mlflow.end_run()  # `finish` then sets the final status
+
+
+def open_client(uri: str) -> MlflowClient:
+    """A client on the store; a URI MLflow cannot use (an unknown scheme, say) is an InputError naming it."""
+    try:
+        return MlflowClient(uri)
+    except Exception as exc:  # MLflow raises several types, none of which a user should see as a traceback
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"tracking.uri={uri}: not a tracking store MLflow can open ({detail})") from None
 
 
 def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:

@@ -8,7 +8,7 @@ from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.evaluation import Evaluator
 from pipeline.readers import load_categories
-from pipeline.session import build_student_teacher, load_checkpoint, resolve_device
+from pipeline.session import build_student_teacher, load_checkpoint, load_part, resolve_device
 
 
 def train(cfg: Config) -> Path:
@@ -22,6 +22,8 @@ def train(cfg: Config) -> Path:
 
         metrics = train_ray(cfg)
     _print_summary(metrics)
+    if metrics.get("stop_reason"):  # metrics.json is written and names the reason too
+        raise InputError(metrics["stop_reason"])
     return Path(cfg.train.output_dir).resolve()
 
 
@@ -37,9 +39,5 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, which: str = "teach
     device = resolve_device(cfg.train.device)
     categories = load_categories(cfg.data.prepared)
     model, _ = build_student_teacher(cfg, len(categories), device)
-    try:
-        model.load_state_dict(state[which])
-    except (KeyError, RuntimeError) as exc:
-        raise InputError(f"{checkpoint}: its {which} does not fit model.* of this config "
-                         f"({str(exc).splitlines()[0]})") from None
+    load_part(model, state, which, checkpoint)
     return Evaluator.from_config(cfg)(model, device)

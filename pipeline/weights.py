@@ -16,6 +16,8 @@ import time
 import ray
 import torch
 
+from pipeline.shards import Skipped
+
 NO_VERSION = -1
 
 
@@ -24,6 +26,7 @@ class WeightStore:
 
     def __init__(self) -> None:
         self._gate_timeouts = 0
+        self._skipped = Skipped()  # damaged parts of the unlabeled pool, from the preflight, readers and labelers
         self.begin_attempt()
 
     def begin_attempt(self) -> None:
@@ -62,6 +65,12 @@ class WeightStore:
 
     def consumed(self, rows: int) -> None:
         self._consumed += rows
+
+    def skip(self, part: str, rows: int, why: str) -> None:
+        self._skipped.add(part, rows, why)
+
+    def skipped(self) -> dict:
+        return self._skipped.metrics()
 
     def counters(self) -> dict[str, int]:
         return {"produced": self._produced, "consumed": self._consumed, "gate_timeouts": self._gate_timeouts}

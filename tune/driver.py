@@ -15,10 +15,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import Config, dump_config
+from pipeline.paths import writable_dir
 from pipeline.ray_train import train_ray
 from pipeline.resources import plan_resources, start_ray
 from pipeline.tracking import Tracker
-from tune.space import to_tune_space
+from tune.space import check_space, to_tune_space
 
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # Tune refuses an all-zero request; memory keeps the trial schedulable
 
@@ -43,7 +44,8 @@ def _search_alg(cfg: Config, max_concurrent: int):
 def run_search(cfg: Config, samples: int, max_concurrent: int, output: str | Path) -> dict[str, Any]:
     """Run the search; write the best config as a ready-to-train YAML; return a summary."""
     output, cfg = Path(output).resolve(), cfg.with_absolute_paths()
-    output.mkdir(parents=True, exist_ok=True)
+    check_space(cfg)
+    writable_dir(output, "--output")
     start_ray(cfg, plan_resources(cfg).times(max_concurrent))  # concurrent trials must all fit
     parent = Tracker(cfg, output, run_name=f"search-{output.name}", tags={"ssod.search": "true"})
     param_space = {**to_tune_space(cfg.tune.space), "base": cfg.model_dump(), "output": str(output),

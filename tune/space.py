@@ -5,7 +5,10 @@ from typing import Any
 
 from ray import tune
 
-from pipeline.config import SearchDim
+from pydantic import ValidationError
+
+from pipeline.config import Config, SearchDim
+from pipeline.errors import InputError
 
 
 def to_tune_space(space: dict[str, SearchDim]) -> dict[str, Any]:
@@ -21,3 +24,15 @@ def to_tune_space(space: dict[str, SearchDim]) -> dict[str, Any]:
         else:
             domains[key] = tune.randint(int(dim.low), int(dim.high))
     return domains
+
+
+def check_space(cfg: Config) -> None:
+    """Every value a trial can draw must make a valid config: refuse up front, not trial by trial."""
+    for key, dim in cfg.tune.space.items():
+        bounds = (int(dim.low), int(dim.high) - 1) if dim.type == "randint" else (dim.low, dim.high)  # high exclusive
+        for value in dim.values if dim.type == "choice" else bounds:
+            try:
+                cfg.with_overrides({key: value})
+            except ValidationError as err:
+                reason = err.errors()[0]["msg"]
+                raise InputError(f"tune.space.{key}: the value {value!r} makes an invalid config: {reason}") from None

@@ -1,0 +1,163 @@
+"""What `ssod` refuses in a config, a weights file, a checkpoint or a tracking URI.
+
+Each ends in one line naming the key or the file and the problem (exit code 2 from the CLI), before any
+training. The last tests run the CLI as a user would and read its stderr.
+"""
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from badinput import assert_one_line_error, cli, error_of
+
+from conftest import tiny_config
+from models.builders import build_detector
+from pipeline.config import load_config
+from pipeline.local import train_local
+from pipeline.preflight import check_model
+from pipeline.readers import load_categories
+from pipeline.train import train
+
+REFUSED = {  # case -> (overrides, the key its message names)
+    "lr_infinite": (["train.lr=.inf"], "train.lr"),
+    "lr_nan": (["train.lr=.nan"], "train.lr"),
+    "unsup_loss_weight_infinite": (["ssl.unsup_loss_weight=.inf"], "ssl.unsup_loss_weight"),
+    "min_size_zero": (["model.min_size=[0]"], "model.min_size"),
+    "anchor_sizes_of_another_backbone": (["model.anchor_sizes=[[32], [64]]"], "model.anchor_sizes"),
+    "anchor_size_zero": (["model.anchor_sizes=[[0], [64], [128]]"], "model.anchor_sizes"),
+    "burn_in_longer_than_the_run": (["train.steps=10", "ssl.burn_in_steps=11"], "ssl.burn_in_steps"),
+    "max_skipped_fraction_above_one": (["train.max_skipped_fraction=1.5"], "train.max_skipped_fraction"),
+    "empty_experiment_name": (['tracking.experiment=""'], "tracking.experiment"),
+}
+
+
+@pytest.mark.parametrize("overrides, key", REFUSED.values(), ids=REFUSED.keys())
+def test_config_value_is_refused_by_key(overrides, key):
+    assert key in error_of(load_config, None, overrides)
+
+
+def test_burn_in_as_long_as_the_run_is_allowed():
+    # The teacher is copied at the end of the last step: a burn-in-only (supervised) run is valid.
+    assert load_config(None, ["train.steps=10", "ssl.burn_in_steps=10"]).ssl.burn_in_steps == 10
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"], ids=["empty", "comments_only"])
+def test_empty_yaml_file_is_refused(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert error_of(load_config, path) == f"{path}: the config file is empty"
+
+
+def test_tune_space_value_that_makes_an_invalid_config_is_refused_up_front():
+    from tune.space import check_space
+
+    cfg = load_config(None, ["train.steps=1500", "ssl.burn_in_steps=50"])  # the default space draws 2000
+    assert "tune.space.ssl.burn_in_steps: the value 2000" in error_of(check_space, cfg)
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> Path:
+    (tmp_path / "text.pt").write_text("these are not weights\n")
+    torch.save({"model": pickle.PickleError}, tmp_path / "objects.pt")  # a pickled class, not a tensor
+    torch.save({"a": torch.zeros(2)}, tmp_path / "zip.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:100])
+    (tmp_path / "dir.pt").mkdir()
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "existing").write_text("a file")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("text.pt", "not a torch weights file"),
+    ("objects.pt", "holds Python objects"),
+    ("truncated.pt", "not a torch weights file"),
+    ("dir.pt", "a directory"),
+], ids=["text_file", "pickled_objects", "truncated", "directory"])
+def test_weights_file_error_is_one_line_without_unsafe_advice(bad_files, name, problem):
+    message = error_of(train_local_build, bad_files / name)
+    assert message.startswith(f"model.weights_path: {bad_files / name}: {problem}")
+    assert "weights_only=False" not in message and "trust" not in message
+
+
+def train_local_build(path: Path) -> None:
+    from pipeline.session import build_student_teacher
+
+    cfg = load_config(None, [f"model.weights_path={path}"])
+    build_student_teacher(cfg, 3, torch.device("cpu"))
+
+
+def test_resume_with_a_checkpoint_of_another_architecture(prepared, tmp_path):
+    cfg = tiny_config(prepared, tmp_path / "run", "train.backend=local")
+    (tmp_path / "run").mkdir()
+    other = build_detector(len(load_categories(prepared)), arch="mask_rcnn", backbone="tiny").state_dict()
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    torch.save({"student": other, "teacher": other, "step": 4}, checkpoint)
+    local = error_of(train_local, cfg)
+    assert local.startswith(f"{checkpoint}: its student does not fit this config")
+    # A Ray run checks the checkpoint it would resume from on the driver, with the same words.
+    assert error_of(check_model, cfg, len(load_categories(prepared)), checkpoint) == local
+
+
+def test_unknown_tracking_scheme_is_the_same_line_on_both_backends(prepared, tmp_path):
+    messages = {backend: error_of(train, tiny_config(prepared, tmp_path / backend, f"train.backend={backend}",
+                                                     "tracking.enabled=true", "tracking.uri=notascheme://x"))
+                for backend in ("local", "ray")}
+    assert messages["local"] == messages["ray"] and messages["local"].startswith("tracking.uri=notascheme://x: ")
+
+
+def _cli_cases(prepared: Path, files: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """case -> (argv, what the one line names)."""
+    data = ["--set", f"data.prepared={prepared}", "--output", str(files / "run")]
+    no_val = files / "no_val"
+    shutil.copytree(prepared, no_val)
+    (no_val / "val_annotations.json").unlink()
+    return {
+        "empty_config_file": (["train", "--config", str(files / "empty.yaml")], ["empty.yaml: the config file is empty"]),
+        "lr_infinite": (["train", "--set", "train.lr=.inf"], ["train.lr"]),
+        "weights_file_is_text": (["train", *data, "--set", "train.backend=local", "--set", "tracking.enabled=false",
+                                  "--set", f"model.weights_path={files / 'text.pt'}"], ["text.pt: not a torch weights"]),
+        "unknown_tracking_scheme_on_ray": (["train", *data, "--set", "tracking.uri=notascheme://x"], ["notascheme"]),
+        "val_annotations_missing_on_ray": (["train", "--set", f"data.prepared={no_val}", "--output",
+                                            str(files / "run")], ["val_annotations.json: no validation set"]),
+        "prepare_out_is_a_file": (["prepare", "--annotations", "a.json", "--images", str(files), "--percent", "5",
+                                   "--out", str(files / "existing")], ["existing: --out is an existing file"]),
+        "evaluate_checkpoint_is_text": (["evaluate", "--set", f"data.prepared={prepared}", "--checkpoint",
+                                         str(files / "text.pt")], ["text.pt: not a readable checkpoint"]),
+    }
+
+
+CLI_CASES = ["empty_config_file", "lr_infinite", "weights_file_is_text", "unknown_tracking_scheme_on_ray",
+             "val_annotations_missing_on_ray", "prepare_out_is_a_file", "evaluate_checkpoint_is_text"]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_prints_one_line_and_exits_2(prepared, bad_files, case):
+    argv, names = _cli_cases(prepared, bad_files)[case]
+    done = cli(*argv)
+    assert "Traceback" not in done.stderr
+    assert_one_line_error(done, *names)
+
+
+def _read_only_mount_works(path: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro {path} {path} && ! touch {path}/x"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_outputs_on_a_read_only_file_system(prepared, synthetic_coco, tmp_path):
+    if not _read_only_mount_works(tmp_path):
+        pytest.skip("needs `unshare -m` and bind mounts (root) to make a read-only file system")
+    ro = ("unshare", "-m", "sh", "-c", f'mount --bind -o ro {tmp_path} {tmp_path} && exec "$0" "$@"')
+    train_dir = synthetic_coco / "train"
+    done = cli("prepare", "--annotations", str(train_dir / "annotations.json"), "--images", str(train_dir / "images"),
+               "--percent", "10", "--out", str(tmp_path / "out"), prefix=ro)
+    assert_one_line_error(done, f"{tmp_path / 'out'}: cannot write --out (Read-only file system)")
+    done = cli("train", "--set", f"data.prepared={prepared}", "--set", "tracking.enabled=false",
+               "--output", str(tmp_path / "run"), prefix=ro)
+    assert_one_line_error(done, f"{tmp_path / 'run'}: cannot write train.output_dir (Read-only file system)")

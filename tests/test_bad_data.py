@@ -1,0 +1,206 @@
+"""Bad data at every stage: what `ssod prepare` counts and drops, what `ssod train` refuses before it
+starts (the same line on both backends), and what a run skips and counts while it goes on.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from badinput import copy_prepared, damage_row_group, edit_json, error_of, first_shard
+from cocofix import ann, dataset, image_entry, save_image, write_coco
+
+from conftest import tiny_config
+from pipeline import schema
+from pipeline.divergence import SkipGuard
+from pipeline.errors import InputError
+from pipeline.local import SampleStream, train_local
+from pipeline.prepare import prepare
+from pipeline.preflight import check_run
+from pipeline.shards import Skipped
+from pipeline.train import train
+
+
+# -- ssod prepare: counted and dropped -----------------------------------------------------------------
+def _prepare_one(tmp_path: Path, anns: list[dict]) -> tuple[dict, list[dict]]:
+    save_image(tmp_path / "images" / "a.png")  # 40 x 30
+    coco = write_coco(tmp_path / "train.json", [image_entry(1, "a.png")], [ann(9, 1, [1, 1, 5, 5]), *anns])
+    report = prepare(coco, tmp_path / "images", 100, 0, tmp_path / "out")
+    return report, pq.read_table(tmp_path / "out" / schema.LABELED_DIR).to_pylist()
+
+
+def test_bbox_that_is_a_string_is_dropped_and_counted(tmp_path):
+    report, [row] = _prepare_one(tmp_path, [ann(1, 1, "1234"), ann(2, 1, [1, 2, 3]), ann(3, 1, None)])
+    assert report["dropped_malformed_boxes"] == 3 and report["examples"]["dropped_malformed_boxes"] == ["a.png"]
+    assert row["boxes"] == [[1, 1, 6, 6]]  # never the box [1, 2, 3, 4]
+
+
+BAD_SEGMENTATIONS = {
+    "a_string": "garbage",
+    "a_polygon_of_two_points": [[1, 2, 3, 4]],
+    "rle_of_another_size": {"size": [10, 10], "counts": [100]},
+    "rle_counts_not_covering_the_image": {"size": [30, 40], "counts": [5, 5]},
+    "rle_string_that_is_not_one": {"size": [30, 40], "counts": "zzzz"},
+}
+
+
+@pytest.mark.parametrize("segmentation", BAD_SEGMENTATIONS.values(), ids=BAD_SEGMENTATIONS.keys())
+def test_segmentation_that_is_not_polygons_or_rle_is_dropped_and_counted(tmp_path, segmentation):
+    good = ann(2, 1, [2, 2, 8, 8], segmentation={"size": [30, 40], "counts": [1200]})
+    report, [row] = _prepare_one(tmp_path, [ann(1, 1, [10, 10, 5, 5], segmentation=segmentation), good])
+    assert report["dropped_invalid_segmentations"] == 1
+    assert len(row["boxes"]) == 3 and row["segmentations"][1] == ""  # the box stays, without its mask
+    assert json.loads(row["segmentations"][2]) == good["segmentation"]
+
+
+@pytest.fixture
+def coco_set(tmp_path: Path) -> tuple[Path, Path]:
+    path, images, _ = dataset(tmp_path / "coco", annotated=6, empty=2)
+    return path, images
+
+
+def test_prepare_out_onto_an_existing_file(coco_set, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "file: --out is an existing file" in error_of(prepare, *coco_set, 50, 0, tmp_path / "file")
+
+
+def test_prepare_out_onto_a_prepared_dir_keeps_its_val_set(coco_set, tmp_path):
+    path, images = coco_set
+    prepare(path, images, 50, 0, tmp_path / "out", val_annotations=path, val_images=images)
+    assert "holds a validation set" in error_of(prepare, path, images, 50, 0, tmp_path / "out")
+    assert (tmp_path / "out" / schema.VAL_GT_FILE).exists() and list((tmp_path / "out" / schema.VAL_DIR).iterdir())
+
+
+def test_prepare_out_onto_a_directory_that_is_no_prepared_set(coco_set):
+    path, images = coco_set  # e.g. --out pointed at the images by mistake
+    assert "holds no prepared set" in error_of(prepare, path, images, 50, 0, images)
+
+
+def test_unlabeled_images_folder_without_images(coco_set, tmp_path):
+    (tmp_path / "raw").mkdir()
+    message = error_of(prepare, *coco_set, 50, 0, tmp_path / "out", unlabeled_images=tmp_path / "raw")
+    assert "raw: --unlabeled-images holds no image files" in message
+
+
+# -- ssod train: refused before it starts, the same line on both backends ---------------------------------
+def _delete_labeled_shards(p: Path) -> None:
+    for shard in (p / schema.LABELED_DIR).glob("*.parquet"):
+        shard.unlink()
+
+
+def _set_segmentation(p: Path, value: str) -> None:
+    shard = first_shard(p / schema.LABELED_DIR)
+    rows = pq.read_table(shard).to_pylist()
+    rows[0]["segmentations"] = [value] * len(rows[0]["segmentations"])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.ROW_SCHEMA), shard)
+
+
+REFUSED = {  # case -> (damage to a copy of the prepared set, extra overrides, what the one line says)
+    "labeled_split_empty": (_delete_labeled_shards, [], "labeled: the labeled split is empty"),
+    "unlabeled_shard_deleted": (lambda p: first_shard(p / "unlabeled").unlink(), [],
+                                "unlabeled: the unlabeled pool is empty"),
+    "corrupt_labeled_shard": (lambda p: damage_row_group(first_shard(p / "labeled")), [],
+                              "labeled/part-00000.parquet: corrupt Parquet shard (row group 0"),
+    "split_lists_ids_no_shard_holds": (
+        lambda p: edit_json(p / "split.json", lambda s: s["labeled"].__setitem__(0, 999999)), [],
+        "split.json: its 'labeled' ids and the labeled shards disagree (1 listed but in no shard, 1 in a shard "
+        "but not listed; first: 999999)"),
+    "val_annotations_missing": (lambda p: (p / schema.VAL_GT_FILE).unlink(), [],
+                                "val_annotations.json: no validation set"),
+    "val_annotations_malformed": (lambda p: (p / schema.VAL_GT_FILE).write_text('{"images": ['), [],
+                                  "val_annotations.json: malformed JSON"),
+    "mask_rcnn_on_garbage_segmentation": (lambda p: _set_segmentation(p, '"garbage"'), ["model.arch=mask_rcnn"],
+                                          "has a segmentation that is neither polygons nor an RLE"),
+    "not_a_prepared_dir": (lambda p: (p / "split.json").unlink(), [], "data.prepared is not a prepared set"),
+    "output_dir_is_a_file": (lambda p: (p / "a_file").write_text("x"), ["train.output_dir={p}/a_file"],
+                             "a_file: train.output_dir is an existing file"),
+}
+
+
+@pytest.mark.parametrize("damage, overrides, message", REFUSED.values(), ids=REFUSED.keys())
+def test_train_refuses_before_it_starts_on_both_backends(prepared, tmp_path, damage, overrides, message):
+    broken = copy_prepared(prepared, tmp_path / "p")
+    damage(broken)
+    overrides = [o.format(p=broken) for o in overrides]
+    lines = {backend: error_of(train, tiny_config(broken, tmp_path / backend, f"train.backend={backend}", *overrides))
+             for backend in ("local", "ray")}
+    assert lines["local"] == lines["ray"] and message in lines["local"]
+
+
+def test_every_image_labeled_leaves_no_unlabeled_pool(tmp_path):
+    path, images, _ = dataset(tmp_path / "coco", annotated=4, empty=0)
+    prepare(path, images, 100, 0, tmp_path / "p", val_annotations=path, val_images=images)
+    cfg = tiny_config(tmp_path / "p", tmp_path / "run", "train.backend=local")
+    assert "the unlabeled pool is empty; mutual learning needs unlabeled images" in error_of(train, cfg)
+
+
+def test_split_file_without_counts_still_trains(prepared, tmp_path):
+    broken = copy_prepared(prepared, tmp_path / "p")
+    edit_json(broken / "split.json", lambda s: [s.pop(k) for k in ("num_labeled", "num_unlabeled", "num_val")])
+    inputs = check_run(tiny_config(broken, tmp_path / "run", "train.backend=ray"))
+    assert inputs.num_labeled == len(json.loads((broken / "split.json").read_text())["labeled"])
+
+
+# -- ssod train: skipped and counted, the run goes on --------------------------------------------------------
+def test_corrupt_unlabeled_rows_are_skipped_and_counted(prepared, tmp_path):
+    broken = copy_prepared(prepared, tmp_path / "p")
+    shard = first_shard(broken / "unlabeled")
+    damage_row_group(shard)  # the image column: the preflight reads ids only, the run meets the damage
+    metrics = train_local(tiny_config(broken, tmp_path / "run", "train.backend=local", "train.steps=6"))
+    assert metrics["steps"] == 6 and metrics["stop_reason"] is None
+    assert metrics["corrupt_rows_skipped"] == pq.ParquetFile(shard).metadata.row_group(0).num_rows
+    assert metrics["corrupt_parts_skipped"] == ["unlabeled/part-00000.parquet row group 0"]
+
+
+def test_undecodable_unlabeled_image_is_skipped_and_counted_but_a_labeled_one_is_refused(tmp_path):
+    good = {"image_id": 1, "image": (save_image(tmp_path / "a.png")).read_bytes(), "boxes": [], "labels": [],
+            "segmentations": []}
+    rows = [good, {**good, "image_id": 2, "image": b"not an image"}]
+    skipped = Skipped()
+    stream = SampleStream(rows, 0, False, 0.5, tmp_path / "unlabeled", skipped)
+    assert {row["image_id"] for row, _, _ in stream.next(6)} == {1}
+    assert skipped.metrics() == {"corrupt_rows_skipped": 1, "corrupt_parts_skipped": ["image 2"]}
+    with pytest.raises(InputError, match="labeled: image 2 does not decode"):
+        SampleStream(rows[1:], 0, False, 0.5, tmp_path / "labeled").next(1)
+
+
+def test_run_whose_steps_are_mostly_skipped_stops_with_a_reason(prepared, tmp_path):
+    cfg = tiny_config(prepared, tmp_path / "run", "train.backend=local", "train.lr=1e12", "train.grad_clip_norm=null",
+                      "train.warmup_steps=0", "train.skip_window=3", "train.steps=6", "ssl.burn_in_steps=6")
+    message = error_of(train, cfg)
+    assert message.startswith("train.max_skipped_fraction=0.5: 2 of the last 3 steps were skipped")
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["stop_reason"] == message and written["steps"] == 3
+
+
+def test_skip_guard_judges_a_full_window_or_the_end_of_a_short_run():
+    guard = SkipGuard(0.5, window=4)
+    for skipped in (True, True, True):
+        guard.add(skipped)
+    assert guard.verdict(3, 0.01) is None and "3 of the last 3 steps" in guard.verdict(3, 0.01, final=True)
+    guard.add(False)
+    assert "3 of the last 4" in guard.verdict(4, 0.01)
+    for _ in range(2):
+        guard.add(False)
+    assert guard.verdict(6, 0.01, final=True) is None  # 2 of the last 4: at most half
+
+
+@pytest.mark.slow
+def test_ray_run_skips_and_counts_corrupt_unlabeled_rows_then_refuses_another_architecture(
+        ray_cluster, prepared, tmp_path):
+    broken = copy_prepared(prepared, tmp_path / "p")
+    shard = first_shard(broken / "unlabeled")
+    damage_row_group(shard)  # found by the Ray Data reader, not the preflight: counted in the weight store
+    cfg = tiny_config(broken, tmp_path / "run", "train.steps=6", "ssl.burn_in_steps=2", "ray.cpus_per_worker=1",
+                      "ray.cpus_per_labeler=0.5", "ray.labeler_batch_size=1", "ray.max_failures=0")
+    metrics = train(cfg) and json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["stop_reason"] is None and metrics["pseudo_labeled_images"] > 0
+    assert metrics["corrupt_rows_skipped"] == pq.ParquetFile(shard).metadata.row_group(0).num_rows
+    assert metrics["corrupt_parts_skipped"] == ["unlabeled/part-00000.parquet row group 0"]
+    # Resuming the same run directory as Mask R-CNN: refused on the driver, as the local runner refuses it.
+    message = error_of(train, cfg.with_overrides({"model.arch": "mask_rcnn"}))
+    assert message.endswith(".pt: its student does not fit this config (another model.arch, model.backbone or "
+                            "set of classes?): " + message.split("set of classes?): ")[1])
+    assert "checkpoint" in message and "Traceback" not in message
