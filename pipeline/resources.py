@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass, replace
 
 import ray
@@ -103,9 +104,21 @@ def start_ray(cfg: Config, plan: ResourcePlan) -> None:
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
+            _check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
             ray.init(address=address)
         else:
             num_cpus = cfg.ray.num_cpus or max(math.ceil(plan.cpus), os.cpu_count() or 1)
             os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)  # the local Ray's processes inherit it
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     check_fits(plan, ray.cluster_resources())
+
+
+def _check_reachable(address: str, key: str) -> None:
+    """`ray.init` retries an address nobody answers at for minutes (seen: over 5): refuse it at once."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():  # "auto", "local" or a bare host: Ray resolves those itself
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise InputError(f"{key}={address}: no Ray cluster answers there ({exc.strerror or exc})") from None
