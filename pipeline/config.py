@@ -266,7 +266,10 @@ def _apply_override(tree: dict, assignment: str) -> None:
     if not sep or "." not in key:
         raise InputError(f"--set {assignment!r}: expected section.key=value")
     section, _, name = key.strip().partition(".")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise InputError(f"--set {assignment!r}: the value is not valid YAML") from None
     node = tree.setdefault(section, {})
     if not isinstance(node, dict):
         raise InputError(f"--set {assignment!r}: {section} is not a section")

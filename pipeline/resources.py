@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -117,6 +118,7 @@ def start_ray(cfg: Config, plan: ResourcePlan) -> None:
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
+            _check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
             ray.init(address=address)
         else:
             cores = os.cpu_count() or 1
@@ -145,3 +147,14 @@ def data_context(**settings: Any) -> Iterator[None]:
     finally:
         for name, value in previous.items():
             setattr(context, name, value)
+
+
+def _check_reachable(address: str, key: str) -> None:
+    """`ray.init` retries an address nobody answers at for minutes (seen: over 5): refuse it at once."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():  # "auto", "local" or a bare host: Ray resolves those itself
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise InputError(f"{key}={address}: no Ray cluster answers there ({exc.strerror or exc})") from None

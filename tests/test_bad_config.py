@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,7 @@ REFUSED = {  # case -> (overrides, the key its message names)
     "burn_in_longer_than_the_run": (["train.steps=10", "ssl.burn_in_steps=11"], "ssl.burn_in_steps"),
     "max_skipped_fraction_above_one": (["train.max_skipped_fraction=1.5"], "train.max_skipped_fraction"),
     "empty_experiment_name": (['tracking.experiment=""'], "tracking.experiment"),
+    "set_value_not_yaml": (["train.lr=[1,"], "--set 'train.lr=[1,': the value is not valid YAML"),
 }
 
 
@@ -107,6 +109,16 @@ def test_unknown_tracking_scheme_is_the_same_line_on_both_backends(prepared, tmp
                                                      "tracking.enabled=true", "tracking.uri=notascheme://x"))
                 for backend in ("local", "ray")}
     assert messages["local"] == messages["ray"] and messages["local"].startswith("tracking.uri=notascheme://x: ")
+
+
+def test_ray_address_nobody_answers_at_is_refused_at_once(prepared, tmp_path):
+    from pipeline.resources import plan_resources, start_ray
+
+    with socket.socket() as s:  # a port with nothing behind it: ray.init would retry it for minutes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(prepared, tmp_path, f"ray.address=127.0.0.1:{port}")
+    assert error_of(start_ray, cfg, plan_resources(cfg)).startswith(f"ray.address=127.0.0.1:{port}: no Ray cluster")
 
 
 def _cli_cases(prepared: Path, files: Path) -> dict[str, tuple[list[str], list[str]]]:

@@ -204,3 +204,17 @@ def test_ray_run_skips_and_counts_corrupt_unlabeled_rows_then_refuses_another_ar
     assert message.endswith(".pt: its student does not fit this config (another model.arch, model.backbone or "
                             "set of classes?): " + message.split("set of classes?): ")[1])
     assert "checkpoint" in message and "Traceback" not in message
+
+
+def test_input_error_inside_a_ray_worker_arrives_as_its_one_line():
+    from ray.exceptions import RayTaskError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from pipeline.errors import find_input_error
+
+    # A Ray Data task's error inside a train worker's error: Ray's wrappers carry tracebacks as messages.
+    cause = RayTaskError("labeled_views", "Traceback (most recent call last): ...", InputError("image 3: bad"))
+    failed = WorkerGroupError("worker 0 failed", {0: UserExceptionWithTraceback(cause.as_instanceof_cause(), "tb")})
+    assert str(find_input_error(failed)) == "image 3: bad"
+    assert find_input_error(WorkerGroupError("oom", {0: MemoryError()})) is None
