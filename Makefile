@@ -29,6 +29,8 @@ demo: $(DEMO_DATA)/prepared/split.json
 	$(PY) -m pipeline.cli train --config configs/demo.yaml
 
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 test-fast: setup  # the unit tests: no Ray, no MLflow server, no end-to-end training

@@ -10,6 +10,7 @@ is reported end to end (actor start-up and model load included) and steady (afte
 and 2 actors sharing the machine's cores (or GPU). Ratios are taken inside one run: these machines are
 shared and noisy. Not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,7 @@ def bare_loop(cfg: Config, teacher: torch.nn.Module, files: list[Path], threads:
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     for i in range(0, len(files), size):
-        run(files[i:i + size])
+        run(files[i : i + size])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(files) / (time.perf_counter() - started)
@@ -69,8 +70,13 @@ def bare_loop(cfg: Config, teacher: torch.nn.Module, files: list[Path], threads:
 
 def through_label(model: LabelModel, folder: Path, actors: int, threads: int, gpu: bool, out: Path) -> dict:
     """Each actor gets `threads` CPUs: Ray sets its OMP_NUM_THREADS, hence torch's threads, from them."""
-    cfg = model.cfg.with_overrides({"ray.num_labelers": actors, "ray.cpus_per_labeler": threads,
-                                    "ray.gpus_per_labeler": 1.0 / actors if gpu else 0.0})
+    cfg = model.cfg.with_overrides(
+        {
+            "ray.num_labelers": actors,
+            "ray.cpus_per_labeler": threads,
+            "ray.gpus_per_labeler": 1.0 / actors if gpu else 0.0,
+        }
+    )
     job = LabelJob(out / f"actors_{actors}", images=str(folder), review=0)
     return label(LabelModel(cfg, model.categories, model.state, None, "bench"), job)
 
@@ -89,8 +95,16 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/label_throughput.json")
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
-    cfg = load_config(args.config, [f"data.prepared={args.prepared}", f"ray.labeler_batch_size={args.batch}",
-                                    f"train.device={args.device}", "tracking.enabled=false", *args.overrides])
+    cfg = load_config(
+        args.config,
+        [
+            f"data.prepared={args.prepared}",
+            f"ray.labeler_batch_size={args.batch}",
+            f"train.device={args.device}",
+            "tracking.enabled=false",
+            *args.overrides,
+        ],
+    )
     categories = load_categories(cfg.data.prepared)
     _, teacher = build_student_teacher(cfg, len(categories), torch.device("cpu"))
     model = LabelModel(cfg, categories, {k: v.clone() for k, v in teacher.state_dict().items()}, None, "bench")
@@ -104,15 +118,26 @@ def main() -> None:
     for actors, report in runs.items():
         rows[f"ssod label, {actors} actor(s), steady"] = report["steady_images_per_s"]
         rows[f"ssod label, {actors} actor(s), end to end"] = report["images_per_s"]
-    print(f"{len(files)} images, batch {args.batch}, {cfg.model.arch} {cfg.model.backbone} "
-          f"{cfg.model.min_size[-1]} px, {args.device}, {args.threads} thread(s) per actor and bare, {CORES} cores")
+    print(
+        f"{len(files)} images, batch {args.batch}, {cfg.model.arch} {cfg.model.backbone} "
+        f"{cfg.model.min_size[-1]} px, {args.device}, {args.threads} thread(s) per actor and bare, {CORES} cores"
+    )
     print(f"{'measure':40s} {'images/s':>9s} {'x bare':>7s}")
     for name, value in rows.items():
         print(f"{name:40s} {value or 0:9.2f} {(value or 0) / bare:7.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "images": len(files), "batch": args.batch,
-                                          "model": f"{cfg.model.arch} {cfg.model.backbone}", "device": args.device},
-                                         indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "images": len(files),
+                "batch": args.batch,
+                "model": f"{cfg.model.arch} {cfg.model.backbone}",
+                "device": args.device,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Each cell reports the teacher's AP, AP50, mask AP, the mean AP of the three rare
 set, pseudo-labels per image with their precision/recall against the held-aside labels, and minutes.
 Prints a table and writes bench/results/quality.json. Not a test: it takes tens of minutes on a CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ import torch
 
 from pipeline.config import Config, load_config
 from pipeline.local import train_local
-from pipeline.session import CHECKPOINT_NAME
 from pipeline.prepare import prepare
+from pipeline.session import CHECKPOINT_NAME
 from pipeline.synth import generate
 
 
@@ -42,8 +43,15 @@ def _dataset(root: Path, images: int) -> Path:
 def _split(root: Path, coco: Path, percent: float, seed: int) -> Path:
     out = root / f"prepared_p{percent:g}_s{seed}"
     if not (out / "split.json").exists():
-        prepare(coco / "train" / "annotations.json", coco / "train" / "images", percent, seed, out,
-                val_annotations=coco / "val" / "annotations.json", val_images=coco / "val" / "images")
+        prepare(
+            coco / "train" / "annotations.json",
+            coco / "train" / "images",
+            percent,
+            seed,
+            out,
+            val_annotations=coco / "val" / "annotations.json",
+            val_images=coco / "val" / "images",
+        )
     return out
 
 
@@ -61,10 +69,17 @@ def _mean_ap(per_class: dict[str, float | None], names: list[str]) -> float:
 
 def _config(args: argparse.Namespace, prepared: Path, seed: int, out: Path, steps: int, method: str) -> Config:
     overrides = [
-        f"data.prepared={prepared}", f"train.output_dir={out}", f"train.steps={steps}",
-        f"ssl.burn_in_steps={args.burn_in}", f"train.seed={seed}", f"train.eval_period={args.eval_period or args.steps}",
-        f"data.eval_images={args.eval_images}", f"model.arch={args.arch}", "train.backend=local",
-        "tracking.enabled=false", f"train.log_period={max(1, args.steps // 4)}",
+        f"data.prepared={prepared}",
+        f"train.output_dir={out}",
+        f"train.steps={steps}",
+        f"ssl.burn_in_steps={args.burn_in}",
+        f"train.seed={seed}",
+        f"train.eval_period={args.eval_period or args.steps}",
+        f"data.eval_images={args.eval_images}",
+        f"model.arch={args.arch}",
+        "train.backend=local",
+        "tracking.enabled=false",
+        f"train.log_period={max(1, args.steps // 4)}",
     ]
     # The method's own setting comes last: a --set of the SSL weight must not turn the baseline into UT.
     method_overrides = ["ssl.unsup_loss_weight=0"] if method == "supervised" else []
@@ -92,12 +107,23 @@ def _burn_in(args: argparse.Namespace, root: Path, prepared: Path, percent: floa
         metrics = json.loads(done.read_text())
     else:
         metrics = train_local(_config(args, prepared, seed, out, args.burn_in, "supervised"))
-    return {"checkpoint": out / CHECKPOINT_NAME, "seconds": round(metrics["seconds"], 1),
-            "teacher_AP": metrics["teacher"]["bbox"]["AP"]}
+    return {
+        "checkpoint": out / CHECKPOINT_NAME,
+        "seconds": round(metrics["seconds"], 1),
+        "teacher_AP": metrics["teacher"]["bbox"]["AP"],
+    }
 
 
-def _cell(args: argparse.Namespace, root: Path, prepared: Path, percent: float, seed: int, method: str,
-          rare: list[str], burn_in: dict) -> dict:
+def _cell(
+    args: argparse.Namespace,
+    root: Path,
+    prepared: Path,
+    percent: float,
+    seed: int,
+    method: str,
+    rare: list[str],
+    burn_in: dict,
+) -> dict:
     _threads(args)
     out = _cell_dir(args, root, percent, seed, method)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,24 +131,37 @@ def _cell(args: argparse.Namespace, root: Path, prepared: Path, percent: float, 
         shutil.copy(burn_in["checkpoint"], out / CHECKPOINT_NAME)
     started = time.perf_counter()
     metrics = train_local(_config(args, prepared, seed, out, args.steps, method))
-    return {"arch": args.arch, "percent": percent, "seed": seed, "method": method, "steps": args.steps,
-            "burn_in": args.burn_in, "burn_in_teacher_AP": burn_in["teacher_AP"],
-            "seconds": round(burn_in["seconds"] + time.perf_counter() - started, 1),
-            "teacher": metrics["teacher"], "student": metrics["student"],
-            "rare_AP": _mean_ap(metrics["teacher"]["bbox"]["per_class"], rare), "rare_classes": rare,
-            "pseudo_labels_per_image": metrics["pseudo_labels_per_image"],
-            "pseudo_label_precision": metrics["pseudo_label_precision"],
-            "pseudo_label_recall": metrics["pseudo_label_recall"], "history": metrics["history"]}
+    return {
+        "arch": args.arch,
+        "percent": percent,
+        "seed": seed,
+        "method": method,
+        "steps": args.steps,
+        "burn_in": args.burn_in,
+        "burn_in_teacher_AP": burn_in["teacher_AP"],
+        "seconds": round(burn_in["seconds"] + time.perf_counter() - started, 1),
+        "teacher": metrics["teacher"],
+        "student": metrics["student"],
+        "rare_AP": _mean_ap(metrics["teacher"]["bbox"]["per_class"], rare),
+        "rare_classes": rare,
+        "pseudo_labels_per_image": metrics["pseudo_labels_per_image"],
+        "pseudo_label_precision": metrics["pseudo_label_precision"],
+        "pseudo_label_recall": metrics["pseudo_label_recall"],
+        "history": metrics["history"],
+    }
 
 
 def _table(rows: list[dict]) -> str:
     def num(value: float | None) -> str:
         return "" if value is None else f"{value:.2f}"
 
-    lines = [f"{'arch':11s} {'labels':>6s} {'seed':>4s} {'method':16s} {'AP':>6s} {'AP50':>6s} {'maskAP':>6s} "
-             f"{'rareAP':>6s} {'PL/img':>6s} {'PLprec':>6s} {'PLrec':>6s} {'ratio':>5s} {'min':>5s}"]
-    supervised = {(r["arch"], r["percent"], r["seed"]): r["teacher"]["bbox"]["AP"]
-                  for r in rows if r["method"] == "supervised"}
+    lines = [
+        f"{'arch':11s} {'labels':>6s} {'seed':>4s} {'method':16s} {'AP':>6s} {'AP50':>6s} {'maskAP':>6s} "
+        f"{'rareAP':>6s} {'PL/img':>6s} {'PLprec':>6s} {'PLrec':>6s} {'ratio':>5s} {'min':>5s}"
+    ]
+    supervised = {
+        (r["arch"], r["percent"], r["seed"]): r["teacher"]["bbox"]["AP"] for r in rows if r["method"] == "supervised"
+    }
     for r in sorted(rows, key=lambda r: (r["arch"], r["percent"], r["seed"], r["method"])):
         t = r["teacher"]
         base = supervised.get((r["arch"], r["percent"], r["seed"]))
@@ -165,8 +204,11 @@ def main() -> None:
     # spawn: a forked child cannot use CUDA once the parent has touched it
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         burn_ins = dict(zip(splits, pool.map(_burn_in, *zip(*[(args, root, splits[k], *k) for k in splits]))))
-        futures = [pool.submit(_cell, args, root, splits[p, s], p, s, m, rare, burn_ins[p, s])
-                   for (p, s) in splits for m in args.methods]
+        futures = [
+            pool.submit(_cell, args, root, splits[p, s], p, s, m, rare, burn_ins[p, s])
+            for (p, s) in splits
+            for m in args.methods
+        ]
         for future in as_completed(futures):
             row = future.result()
             key = (row["arch"], row["percent"], row["seed"], row["method"])

@@ -6,6 +6,7 @@ One step = the Unbiased Teacher shape: 2 labeled images in two views + 2 pseudo-
 backward, on random images with two boxes each. Backbones are timed in turns, so drift hits all alike.
 Prints a table; weights are left random (timing does not depend on them), so nothing is read or fetched.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ from models.unbiased_teacher import Batch, unbiased_teacher_step
 
 def _batch(n: int, size: int, generator: torch.Generator) -> Batch:
     images = [torch.rand(3, size, size, generator=generator) for _ in range(n)]
-    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 120.0, 100.0]]),
-                "labels": torch.tensor([1, 2])} for _ in range(n)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 120.0, 100.0]]), "labels": torch.tensor([1, 2])}
+        for _ in range(n)
+    ]
     return Batch(images, targets)
 
 
@@ -46,8 +49,16 @@ def main() -> None:
     for name in args.backbones:
         # Pretrained bodies train with frozen norms and stem: time that structure (its weights need not be read).
         pretrained = "imagenet" if "imagenet" in SUPPORTED[name] else "none"
-        model = build_detector(3, arch=args.arch, backbone=name, pretrained=pretrained, init_weights=False,
-                               min_size=(args.size,), max_size=2 * args.size, rois_per_image=128)
+        model = build_detector(
+            3,
+            arch=args.arch,
+            backbone=name,
+            pretrained=pretrained,
+            init_weights=False,
+            min_size=(args.size,),
+            max_size=2 * args.size,
+            rois_per_image=128,
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         runs[name] = (model, torch.optim.SGD(params, lr=0.001))
         unbiased_teacher_step(model, runs[name][1], labeled, pseudo, 1.0)  # warm-up

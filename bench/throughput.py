@@ -6,6 +6,7 @@ Rows: labeler images/s through Ray Data (actor pool, weight store, credit gate) 
 `inference_mode` loop; student steps/s under Ray Train (1 and 2 workers) vs the bare local step.
 Ratios are taken inside one run (these machines are shared and noisy). Not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ def bare_labeling(cfg: Config, teacher: torch.nn.Module, n: int) -> float:
     _sync(device)
     started = time.perf_counter()
     for i in range(0, len(rows), size):
-        images = [to_float(weak(*decode_row(r))[0]).to(device) for r in rows[i:i + size]]
+        images = [to_float(weak(*decode_row(r))[0]).to(device) for r in rows[i : i + size]]
         pseudo_label(teacher, images, cfg.ssl.score_threshold)
     _sync(device)
     return len(rows) / (time.perf_counter() - started)
@@ -62,11 +63,22 @@ def bare_labeling(cfg: Config, teacher: torch.nn.Module, n: int) -> float:
 def ray_labeling(cfg: Config, teacher: torch.nn.Module, n: int) -> float:
     store = get_or_create_store("bench-weights")
     ray.get(publish(store, 0, teacher))
-    ds = read_prepared(cfg.data.prepared, "unlabeled").limit(n).map_batches(
-        TeacherLabeler, batch_size=cfg.ray.labeler_batch_size, num_cpus=cfg.ray.cpus_per_labeler,
-        num_gpus=cfg.ray.gpus_per_labeler, compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
-        fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": len(load_categories(cfg.data.prepared)),
-                               "store_name": "bench-weights"})
+    ds = (
+        read_prepared(cfg.data.prepared, "unlabeled")
+        .limit(n)
+        .map_batches(
+            TeacherLabeler,
+            batch_size=cfg.ray.labeler_batch_size,
+            num_cpus=cfg.ray.cpus_per_labeler,
+            num_gpus=cfg.ray.gpus_per_labeler,
+            compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
+            fn_constructor_kwargs={
+                "config": cfg.model_dump(),
+                "num_classes": len(load_categories(cfg.data.prepared)),
+                "store_name": "bench-weights",
+            },
+        )
+    )
     ds = ds.materialize()  # builds the actor and the model outside the timed pass
     rows = ds.take_all()
     ray.kill(store)
@@ -117,11 +129,16 @@ def _marker() -> ray.train.Checkpoint:
 def ray_steps(cfg: Config, steps: int, workers: int, storage: Path) -> float:
     gpus = 1.0 if cfg.ray.gpus_per_worker else 0.0  # a GPU each: NCCL refuses two ranks on one device
     trainer = ray.train.torch.TorchTrainer(
-        _worker, train_loop_config={"cfg": cfg.model_dump(), "steps": steps,
-                                    "num_classes": len(load_categories(cfg.data.prepared))},
+        _worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "steps": steps,
+            "num_classes": len(load_categories(cfg.data.prepared)),
+        },
         # All cores shared out, so Ray's OMP_NUM_THREADS gives the workers the threads the bare loop has.
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
-                                               resources_per_worker={"CPU": max(CORES // workers, 1), "GPU": gpus}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpus > 0, resources_per_worker={"CPU": max(CORES // workers, 1), "GPU": gpus}
+        ),
         run_config=ray.train.RunConfig(storage_path=str(storage.resolve()), name=f"bench-{workers}-{time.time_ns()}"),
     )
     return trainer.fit().metrics["steps_per_s"]
@@ -137,10 +154,18 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/throughput.json")
     args = parser.parse_args()
     gpus = int(args.device.startswith("cuda"))
-    cfg = load_config(args.config, [f"data.prepared={args.prepared}", "ssl.max_staleness=1000000",
-                                    f"ray.cpus_per_labeler={CORES}", f"ray.gpus_per_labeler={gpus}",
-                                    f"ray.gpus_per_worker={gpus}", f"train.device={args.device}",
-                                    "tracking.enabled=false"])
+    cfg = load_config(
+        args.config,
+        [
+            f"data.prepared={args.prepared}",
+            "ssl.max_staleness=1000000",
+            f"ray.cpus_per_labeler={CORES}",
+            f"ray.gpus_per_labeler={gpus}",
+            f"ray.gpus_per_worker={gpus}",
+            f"train.device={args.device}",
+            "tracking.enabled=false",
+        ],
+    )
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2 * CORES, include_dashboard=False, log_to_driver=False)
     _, teacher = build_student_teacher(cfg, len(load_categories(cfg.data.prepared)), torch.device("cpu"))
@@ -156,8 +181,9 @@ def main() -> None:
     for name, (value, bare) in rows.items():
         print(f"{name:46s} {value:8.2f} {bare:8.2f} {value / bare:6.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({k: {"ray": v, "bare": b, "ratio": v / b} for k, (v, b) in rows.items()},
-                                         indent=2))
+    Path(args.out).write_text(
+        json.dumps({k: {"ray": v, "bare": b, "ratio": v / b} for k, (v, b) in rows.items()}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Pretrained bodies get frozen BatchNorm and a frozen stem + first stage (Detectron2's defaults for
 loaded weights). Random bodies train their norms: frozen BatchNorm on a random ResNet-50 overflows.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -46,7 +47,10 @@ def tiny_backbone(out_channels: int = 96) -> BackboneWithFPN:
     """Four stride-2 conv stages (GroupNorm: no running buffers, safe under EMA, DDP and tiny batches)."""
     body = nn.Sequential(
         OrderedDict(
-            stem=_conv_block(3, 32), stage2=_conv_block(32, 64), stage3=_conv_block(64, 128), stage4=_conv_block(128, 192)
+            stem=_conv_block(3, 32),
+            stage2=_conv_block(32, 64),
+            stage3=_conv_block(64, 128),
+            stage4=_conv_block(128, 192),
         )
     )
     return BackboneWithFPN(body, {"stage3": "0", "stage4": "1"}, [128, 192], out_channels)
@@ -67,8 +71,9 @@ class TimmFPN(nn.Module):
 
 
 def efficientnet_lite0_fpn(frozen: bool, out_channels: int = EFFICIENTNET_FPN_CHANNELS) -> TimmFPN:
-    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
-                             out_indices=EFFICIENTNET_FEATURES)
+    body = timm.create_model(
+        "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=EFFICIENTNET_FEATURES
+    )
     if frozen:
         body = freeze_batch_norm_2d(body)
         for part in (body.conv_stem, body.bn1, body.blocks[0], body.blocks[1]):  # up to stride 4, as Detectron2
@@ -80,11 +85,17 @@ def build_backbone(name: str, frozen: bool) -> nn.Module:
     """The named backbone with random weights; `frozen` prepares it for loaded weights (see module doc)."""
     norm = misc_ops.FrozenBatchNorm2d if frozen else nn.BatchNorm2d
     if name == "resnet50_fpn":
-        return resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=norm,
-                                   trainable_layers=3 if frozen else 5)
+        return resnet_fpn_backbone(
+            backbone_name="resnet50", weights=None, norm_layer=norm, trainable_layers=3 if frozen else 5
+        )
     if name == "mobilenet_v3_fpn":
-        return mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm,
-                                  trainable_layers=3 if frozen else 6)
+        return mobilenet_backbone(
+            backbone_name="mobilenet_v3_large",
+            weights=None,
+            fpn=True,
+            norm_layer=norm,
+            trainable_layers=3 if frozen else 6,
+        )
     if name == "efficientnet_lite0_fpn":
         return efficientnet_lite0_fpn(frozen)
     if name == "tiny":

@@ -4,6 +4,7 @@ Weights: random (`pretrained="none"`), ImageNet or COCO (`models.pretrained`, fo
 downloaded), or a local file (`weights_path`, loaded with `weights_only=True`: a detector state dict, one
 of our checkpoints, or backbone-only weights), which wins when both are given.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,9 @@ class WeightsFileError(ValueError):
     """A local weights file that cannot be used; the message names the file and the problem."""
 
 
-def _roi_heads(base: nn.Module, num_classes: int, focal_gamma: float, small: bool, rois_per_image: int) -> FocalRoIHeads:
+def _roi_heads(
+    base: nn.Module, num_classes: int, focal_gamma: float, small: bool, rois_per_image: int
+) -> FocalRoIHeads:
     box_head, box_predictor = base.box_head, base.box_predictor
     mask = {}
     if base.has_mask():
@@ -39,10 +42,19 @@ def _roi_heads(base: nn.Module, num_classes: int, focal_gamma: float, small: boo
             mask["mask_head"] = MaskRCNNHeads(in_ch, [128, 128, 128, 128], 1)
             mask["mask_predictor"] = MaskRCNNPredictor(128, 128, num_classes)
     return FocalRoIHeads(
-        base.box_roi_pool, box_head, box_predictor,
-        0.5, 0.5, rois_per_image, 0.25, None,  # fg/bg IoU, sampled ROIs, positive fraction, box coder weights
-        base.score_thresh, base.nms_thresh, base.detections_per_img,
-        focal_gamma=focal_gamma, **mask,
+        base.box_roi_pool,
+        box_head,
+        box_predictor,
+        0.5,
+        0.5,
+        rois_per_image,
+        0.25,
+        None,  # fg/bg IoU, sampled ROIs, positive fraction, box coder weights
+        base.score_thresh,
+        base.nms_thresh,
+        base.detections_per_img,
+        focal_gamma=focal_gamma,
+        **mask,
     )
 
 
@@ -84,8 +96,9 @@ def build_detector(
         image_std=std,
     )
     gamma = focal_gamma if roi_loss == "focal" else 0.0  # focal loss at gamma 0 is cross-entropy
-    model.roi_heads = _roi_heads(model.roi_heads, num_classes + 1, gamma, small=backbone in SMALL_HEAD_BACKBONES,
-                                 rois_per_image=rois_per_image)
+    model.roi_heads = _roi_heads(
+        model.roi_heads, num_classes + 1, gamma, small=backbone in SMALL_HEAD_BACKBONES, rois_per_image=rois_per_image
+    )
     if init_weights and weights_path:
         load_weights(model, weights_path)
     elif init_weights and pretrained != "none":
@@ -103,8 +116,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise WeightsFileError(f"{path}: {exc}") from None
     if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
         state = state["teacher"]
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
+    ):
         raise WeightsFileError(f"{path}: expected a state dict (name -> tensor)")
     target = model if any(k.startswith("backbone.") for k in state) else model.backbone.body
     own = target.state_dict()

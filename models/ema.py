@@ -1,4 +1,5 @@
 """The teacher is an exponential moving average of the student over the whole state dict."""
+
 from __future__ import annotations
 
 import torch

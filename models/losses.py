@@ -1,4 +1,5 @@
 """Losses of the Unbiased Teacher: focal ROI classification and the supervised/unsupervised split."""
+
 from __future__ import annotations
 
 import torch

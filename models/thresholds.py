@@ -6,6 +6,7 @@ the lowest score that the high-mean component claims (posterior >= 0.5), clipped
 A class with too few scores above the floor keeps the floor, so the first boxes of a rare class are not
 shut out.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ def two_gaussian_split(scores: Tensor, iterations: int = 50) -> float | None:
     variances = torch.full((2,), float(x.var()) + 1e-6, dtype=x.dtype)
     weights = torch.full((2,), 0.5, dtype=x.dtype)
     for _ in range(iterations):
-        log_p = (torch.log(weights) - 0.5 * torch.log(2 * math.pi * variances)
-                 - (x[:, None] - means) ** 2 / (2 * variances))
+        log_p = (
+            torch.log(weights) - 0.5 * torch.log(2 * math.pi * variances) - (x[:, None] - means) ** 2 / (2 * variances)
+        )
         resp = torch.softmax(log_p, dim=1)
         mass = resp.sum(0) + 1e-9
         weights = mass / mass.sum()

@@ -1,4 +1,5 @@
 """`torch.load(..., weights_only=True)` whose failures read as one line, without torch's advice to load unsafely."""
+
 from __future__ import annotations
 
 import pickle

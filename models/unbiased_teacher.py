@@ -1,9 +1,10 @@
 """The Unbiased Teacher training step and teacher schedule (Liu et al., ICLR 2021).
 
-    burn-in:          loss = L_sup(labeled)
-    mutual learning:  loss = L_sup(labeled) + lambda_u * L_unsup(strong view, teacher's pseudo-labels)
-    teacher:          copied from the student when burn-in ends, then EMA-refreshed every N steps
+burn-in:          loss = L_sup(labeled)
+mutual learning:  loss = L_sup(labeled) + lambda_u * L_unsup(strong view, teacher's pseudo-labels)
+teacher:          copied from the student when burn-in ends, then EMA-refreshed every N steps
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

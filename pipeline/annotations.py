@@ -3,6 +3,7 @@
 A box must be a list of 4 numbers (a string such as "1234" is not read digit by digit); a segmentation
 must be a polygon list or an RLE of the image's real size, since the trainer rasterises it at that size.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,12 @@ def valid_segmentation(segmentation: Any, height: int, width: int) -> bool:
 
 
 def _valid_polygon(polygon: Any) -> bool:
-    return (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
-            and all(_is_number(v) and math.isfinite(v) for v in polygon))
+    return (
+        isinstance(polygon, list)
+        and len(polygon) >= 6
+        and len(polygon) % 2 == 0
+        and all(_is_number(v) and math.isfinite(v) for v in polygon)
+    )
 
 
 def _rle_string_counts(text: str) -> list[int] | None:

@@ -3,6 +3,7 @@
 weak   = horizontal flip (the multi-scale resize happens inside the detector, see `model.min_size`)
 strong = the weak view + photometric noise and erasing only, so the weak view's boxes stay valid
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 
 Bad input ends in one line `error: ...` and exit code 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,14 @@ from pipeline.errors import InputError
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (configs/demo.yaml, configs/coco_1pct.yaml, ...)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -55,7 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
     images.add_argument("--prepared", help="a `ssod prepare` output directory")
     p.add_argument("--split", choices=["unlabeled", "labeled", "val"], default="unlabeled", help="with --prepared")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float, help="keep boxes scoring >= this (default: the run's ssl.score_threshold)")
+    p.add_argument(
+        "--threshold", type=float, help="keep boxes scoring >= this (default: the run's ssl.score_threshold)"
+    )
     _config_args(p)
     p.add_argument("--model", choices=["teacher", "student"], default="teacher")
     p.add_argument("--review", type=int, default=16, help="images drawn in OUT/review/, least certain first")
@@ -85,9 +94,16 @@ def _synth(args: argparse.Namespace) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     from pipeline.prepare import prepare
 
-    report = prepare(args.annotations, args.images, args.percent, args.seed, args.out,
-                     val_annotations=args.val_annotations, val_images=args.val_images,
-                     unlabeled_images=args.unlabeled_images)
+    report = prepare(
+        args.annotations,
+        args.images,
+        args.percent,
+        args.seed,
+        args.out,
+        val_annotations=args.val_annotations,
+        val_images=args.val_images,
+        unlabeled_images=args.unlabeled_images,
+    )
     print(json.dumps(report, indent=2))
 
 
@@ -124,8 +140,15 @@ def _label(args: argparse.Namespace) -> None:
         model = from_registry(args.model_uri, args.config, args.overrides, args.model)
     else:
         model = from_checkpoint(args.checkpoint, args.config, args.overrides, args.model, args.prepared)
-    job = LabelJob(Path(args.out), images=args.images, prepared=args.prepared, split=args.split,
-                   threshold=args.threshold, review=args.review, sweep=args.sweep)
+    job = LabelJob(
+        Path(args.out),
+        images=args.images,
+        prepared=args.prepared,
+        split=args.split,
+        threshold=args.threshold,
+        review=args.review,
+        sweep=args.sweep,
+    )
     print("\n".join(summary_lines(label(model, job))))
 
 
@@ -144,8 +167,15 @@ def _ui(args: argparse.Namespace) -> None:
     sys.exit(serve_ui(tracking_uri(_load(args).tracking.uri), args.host, args.port))
 
 
-COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "label": _label,
-            "tune": _tune, "ui": _ui}
+COMMANDS = {
+    "synth": _synth,
+    "prepare": _prepare,
+    "train": _train,
+    "evaluate": _evaluate,
+    "label": _label,
+    "tune": _tune,
+    "ui": _ui,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 Everything here is pure or works on one file at a time; `pipeline.prepare` drives it. Problems that
 can be fixed or skipped are counted in a `Report`; the rest raise `InputError`.
 """
+
 from __future__ import annotations
 
 import io

@@ -4,6 +4,7 @@ Memory stays flat whatever the number of images; the result loads with pycocotoo
 COCO importers of CVAT and Label Studio (bbox `[x, y, w, h]`, `area`, `iscrowd` 0, RLE masks with
 `counts` as a string, plus the teacher's `score`, which those importers ignore).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,9 @@ class CocoWriter:
             part.unlink(missing_ok=True)
 
 
-def annotations(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, masks: list[str] | None,
-                category_of: dict[int, int]) -> list[dict]:
+def annotations(
+    boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, masks: list[str] | None, category_of: dict[int, int]
+) -> list[dict]:
     """Kept detections (XYXY boxes, model labels, scores, labeler RLE strings) -> COCO annotations without ids.
 
     `area` is the mask's area when there is a mask (COCO's convention), else the box's.
@@ -65,9 +67,14 @@ def annotations(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, masks
     out = []
     for i, (box, label, score) in enumerate(zip(boxes.reshape(-1, 4).tolist(), labels.tolist(), scores.tolist())):
         x0, y0, x1, y1 = box
-        ann = {"category_id": category_of[int(label)], "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-               "area": round((x1 - x0) * (y1 - y0), 2), "iscrowd": 0, "score": round(float(score), 4),
-               "segmentation": []}
+        ann = {
+            "category_id": category_of[int(label)],
+            "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+            "area": round((x1 - x0) * (y1 - y0), 2),
+            "iscrowd": 0,
+            "score": round(float(score), 4),
+            "segmentation": [],
+        }
         if masks is not None:
             rle = json.loads(masks[i])
             ann["segmentation"], ann["area"] = rle, float(mask_utils.area({**rle, "counts": rle["counts"].encode()}))

@@ -3,6 +3,7 @@
 Unknown keys and out-of-range values are refused with a message naming the key
 (`pydantic` with `extra="forbid"`). The SSL parameters the product exposes live under `ssl.`.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.ema import keep_rate_from_span
 from models.backbones import DEFAULT_ANCHORS
+from models.ema import keep_rate_from_span
 from models.pretrained import check_supported
 from pipeline.errors import InputError
 
@@ -56,8 +57,10 @@ class ModelConfig(_Section):
         levels = len(DEFAULT_ANCHORS[self.backbone])
         sizes = self.anchor_sizes
         if sizes is not None and (len(sizes) != levels or len({len(s) for s in sizes}) != 1 or not sizes[0]):
-            raise ValueError(f"model.anchor_sizes needs {levels} lists (one per feature map of {self.backbone}), "
-                             "all of the same non-zero length")
+            raise ValueError(
+                f"model.anchor_sizes needs {levels} lists (one per feature map of {self.backbone}), "
+                "all of the same non-zero length"
+            )
         return self
 
 
@@ -95,11 +98,14 @@ class SSLConfig(_Section):
                 raise ValueError("ssl.ema_keep_rate and ssl.ema_span are two spellings of one value: give one")
             object.__setattr__(self, "ema_keep_rate", keep_rate_from_span(self.ema_span))
         if self.threshold_floor > self.threshold_ceiling:
-            raise ValueError(f"ssl.threshold_floor ({self.threshold_floor}) exceeds ssl.threshold_ceiling "
-                             f"({self.threshold_ceiling})")
+            raise ValueError(
+                f"ssl.threshold_floor ({self.threshold_floor}) exceeds ssl.threshold_ceiling ({self.threshold_ceiling})"
+            )
         if self.max_staleness <= self.publish_interval:
-            raise ValueError(f"ssl.max_staleness ({self.max_staleness}) must exceed the publish interval "
-                             f"({self.publish_interval}): a row ages that much before the next teacher arrives")
+            raise ValueError(
+                f"ssl.max_staleness ({self.max_staleness}) must exceed the publish interval "
+                f"({self.publish_interval}): a row ages that much before the next teacher arrives"
+            )
         return self
 
     @property
@@ -201,15 +207,20 @@ class Config(_Section):
     @model_validator(mode="after")
     def _burn_in_ends(self) -> "Config":
         if self.ssl.burn_in_steps > self.train.steps:
-            raise ValueError(f"ssl.burn_in_steps ({self.ssl.burn_in_steps}) exceeds train.steps ({self.train.steps}): "
-                             "the teacher would never be copied from the student")
+            raise ValueError(
+                f"ssl.burn_in_steps ({self.ssl.burn_in_steps}) exceeds train.steps ({self.train.steps}): "
+                "the teacher would never be copied from the student"
+            )
         return self
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> "Config":
         for key in self.tune.space:
             section, _, name = key.partition(".")
-            if section not in ("model", "data", "ssl", "train") or name not in type(getattr(self, section)).model_fields:
+            if (
+                section not in ("model", "data", "ssl", "train")
+                or name not in type(getattr(self, section)).model_fields
+            ):
                 raise ValueError(f"tune.space: {key!r} is not a config key")
         return self
 
@@ -218,14 +229,19 @@ class Config(_Section):
 
     def with_absolute_paths(self) -> "Config":
         """Local paths made absolute: Ray workers and Tune trials run in other working directories."""
+
         def absolute(value: str | None) -> str | None:
             return value if value is None or "://" in value else str(Path(value).resolve())
 
-        return self.with_overrides({
-            "data.prepared": absolute(self.data.prepared), "data.unlabeled_folder": absolute(self.data.unlabeled_folder),
-            "model.weights_path": absolute(self.model.weights_path), "train.output_dir": absolute(self.train.output_dir),
-            "tracking.uri": _absolute_store(tracking_uri(self.tracking.uri)),
-        })
+        return self.with_overrides(
+            {
+                "data.prepared": absolute(self.data.prepared),
+                "data.unlabeled_folder": absolute(self.data.unlabeled_folder),
+                "model.weights_path": absolute(self.model.weights_path),
+                "train.output_dir": absolute(self.train.output_dir),
+                "tracking.uri": _absolute_store(tracking_uri(self.tracking.uri)),
+            }
+        )
 
     def with_overrides(self, flat: dict[str, Any]) -> "Config":
         """A validated copy with `section.key` values replaced (a Tune trial's config)."""
@@ -249,7 +265,7 @@ def tracking_uri(cfg_uri: str | None) -> str:
 def _absolute_store(uri: str) -> str:
     """A relative sqlite store made absolute: on Ray the default ./mlflow.db landed in Ray's session dir."""
     prefix = "sqlite:///"
-    path = uri[len(prefix):]
+    path = uri[len(prefix) :]
     return f"{prefix}{Path(path).resolve()}" if uri.startswith(prefix) and not path.startswith("/") else uri
 
 

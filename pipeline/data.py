@@ -1,4 +1,5 @@
 """Rows of the prepared Parquet shards -> tensors the detector takes."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ from pipeline.coco_io import load_coco
 from pipeline.errors import InputError
 from pipeline.schema import LABELED_DIR, VAL_GT_FILE
 from pipeline.shards import read_rows
-
 
 # What decoding a row raises on damaged image bytes (torchvision's decoders, an empty buffer).
 DECODE_FAILURES = (RuntimeError, ValueError)
@@ -66,13 +66,17 @@ def require_segmentations(prepared: str | Path) -> None:
     segs = [(r, s) for r in rows for s in r["segmentations"]]
     missing = sum(1 for _, s in segs if not s)
     if missing:
-        raise InputError(f"{labeled}: {missing} of {len(segs)} labeled boxes have no segmentation; "
-                         "model.arch=mask_rcnn needs polygon or RLE masks (`ssod synth --masks`, or COCO "
-                         "annotations with `segmentation`)")
+        raise InputError(
+            f"{labeled}: {missing} of {len(segs)} labeled boxes have no segmentation; "
+            "model.arch=mask_rcnn needs polygon or RLE masks (`ssod synth --masks`, or COCO "
+            "annotations with `segmentation`)"
+        )
     bad = next((r["image_id"] for r, s in segs if not valid_segmentation(_json(s), r["height"], r["width"])), None)
     if bad is not None:
-        raise InputError(f"{labeled}: image {bad} has a segmentation that is neither polygons nor an RLE of its "
-                         "size; run `ssod prepare` again (it drops and counts those)")
+        raise InputError(
+            f"{labeled}: image {bad} has a segmentation that is neither polygons nor an RLE of its "
+            "size; run `ssod prepare` again (it drops and counts those)"
+        )
     _require_val_segmentations(Path(prepared) / VAL_GT_FILE)
 
 
@@ -92,8 +96,10 @@ def _require_val_segmentations(val_gt: Path) -> None:
         if not a.get("segmentation"):
             raise InputError(f"{val_gt}: validation boxes without segmentation; model.arch=mask_rcnn scores masks")
         if not valid_segmentation(a["segmentation"], *sizes.get(a["image_id"], (0, 0))):
-            raise InputError(f"{val_gt}: annotation {a.get('id')} has a segmentation that is neither polygons "
-                             "nor an RLE of its image's size")
+            raise InputError(
+                f"{val_gt}: annotation {a.get('id')} has a segmentation that is neither polygons "
+                "nor an RLE of its image's size"
+            )
 
 
 def infinite_indices(n: int, seed: int) -> Iterator[int]:

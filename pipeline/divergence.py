@@ -2,6 +2,7 @@
 
 Every DDP rank skips the same steps (the skip decision is all-reduced), so every rank reaches the same verdict.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -21,6 +22,8 @@ class SkipGuard:
         seen, skipped = len(self.recent), sum(self.recent)
         if not seen or (seen < self.recent.maxlen and not final) or skipped <= self.max_fraction * seen:
             return None
-        return (f"train.max_skipped_fraction={self.max_fraction:g}: {skipped} of the last {seen} steps were skipped "
-                f"(non-finite loss or gradient), the run diverged by step {step}; lower train.lr (now {lr:g}) "
-                "or ssl.unsup_loss_weight")
+        return (
+            f"train.max_skipped_fraction={self.max_fraction:g}: {skipped} of the last {seen} steps were skipped "
+            f"(non-finite loss or gradient), the run diverged by step {step}; lower train.lr (now {lr:g}) "
+            "or ssl.unsup_loss_weight"
+        )

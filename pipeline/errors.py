@@ -17,7 +17,12 @@ def find_input_error(exc: BaseException) -> InputError | None:
         if isinstance(error, InputError) and not hasattr(error, "cause"):
             return error
         failures = getattr(error, "worker_failures", None)
-        inner = [getattr(error, "_base_exc", None), getattr(error, "cause", None), error.__cause__, error.__context__,
-                 *(failures.values() if isinstance(failures, dict) else [])]
+        inner = [
+            getattr(error, "_base_exc", None),
+            getattr(error, "cause", None),
+            error.__cause__,
+            error.__context__,
+            *(failures.values() if isinstance(failures, dict) else []),
+        ]
         todo += [e for e in inner if isinstance(e, BaseException)]
     return None

@@ -1,4 +1,5 @@
 """Score a detector on the prepared validation split with pycocotools."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,8 @@ from torch import nn
 
 from models.ema import unwrap
 from pipeline.augment import to_float
-from pipeline.config import Config
 from pipeline.coco_io import load_coco
+from pipeline.config import Config
 from pipeline.data import decode_image_bytes, read_rows
 from pipeline.errors import InputError
 from pipeline.readers import load_categories
@@ -20,8 +21,14 @@ from pipeline.scoring import score_coco, to_coco_results
 class Evaluator:
     """Holds the decoded validation images and their COCO ground truth; call it with a model."""
 
-    def __init__(self, prepared: str | Path, label_to_category: dict[int, int], with_masks: bool,
-                 max_images: int | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        prepared: str | Path,
+        label_to_category: dict[int, int],
+        with_masks: bool,
+        max_images: int | None = None,
+        batch_size: int = 8,
+    ):
         gt = load_val_set(prepared)
         rows = read_rows(Path(prepared) / VAL_DIR, columns=["image_id", "image"])[:max_images]
         self.image_ids = [r["image_id"] for r in rows]
@@ -35,8 +42,12 @@ class Evaluator:
     def from_config(cls, cfg: Config) -> "Evaluator":
         """The validation split of `cfg.data.prepared`, scored for what `cfg.model.arch` predicts."""
         categories = load_categories(cfg.data.prepared)
-        return cls(cfg.data.prepared, {c["label"]: c["id"] for c in categories}, cfg.model.arch == "mask_rcnn",
-                   max_images=cfg.data.eval_images)
+        return cls(
+            cfg.data.prepared,
+            {c["label"]: c["id"] for c in categories},
+            cfg.model.arch == "mask_rcnn",
+            max_images=cfg.data.eval_images,
+        )
 
     def __call__(self, model: nn.Module, device: torch.device) -> dict:
         model = unwrap(model)
@@ -45,11 +56,11 @@ class Evaluator:
         results = []
         with torch.inference_mode():
             for start in range(0, len(self.images), self.batch_size):
-                batch = [to_float(i).to(device) for i in self.images[start:start + self.batch_size]]
+                batch = [to_float(i).to(device) for i in self.images[start : start + self.batch_size]]
                 # Encoded per batch: full-image float masks of every detection of every image would
                 # take gigabytes (200 images x 100 detections x H x W).
                 outputs = [{k: v.cpu() for k, v in o.items()} for o in model(batch)]
-                results += to_coco_results(self.image_ids[start:start + len(batch)], outputs, self.label_to_category)
+                results += to_coco_results(self.image_ids[start : start + len(batch)], outputs, self.label_to_category)
         model.train(was_training)
         return score_coco(self.gt, results, self.iou_types)
 
@@ -63,5 +74,8 @@ def load_val_set(prepared: str | Path) -> dict:
 
 
 def _restrict(gt: dict, image_ids: set[int]) -> dict:
-    return {**gt, "images": [i for i in gt["images"] if i["id"] in image_ids],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids]}
+    return {
+        **gt,
+        "images": [i for i in gt["images"] if i["id"] in image_ids],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids],
+    }

@@ -5,6 +5,7 @@ Ray Data streams the images through the training's `TeacherLabeler` actors (an a
 them out as they come, so its memory stays flat in the pool size. Outputs in OUT: `labels.json` (COCO),
 `label_report.json`, `review.json` and `review/` (see `pipeline.review`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,23 +89,36 @@ class _Labels:
         kept = row["pl_scores"] >= self.per_label[row["pl_labels"]]
         masks = [m for m, k in zip(row["pl_masks"], kept) if k] if self.with_masks else None
         height, width = row["image"].shape[1:]
-        self.writer.add({"id": image_id, "file_name": file_name, "width": width, "height": height},
-                        annotations(row["pl_boxes"].reshape(-1, 4)[kept], row["pl_labels"][kept],
-                                    row["pl_scores"][kept], masks, self.category_of))
+        self.writer.add(
+            {"id": image_id, "file_name": file_name, "width": width, "height": height},
+            annotations(
+                row["pl_boxes"].reshape(-1, 4)[kept],
+                row["pl_labels"][kept],
+                row["pl_scores"][kept],
+                masks,
+                self.category_of,
+            ),
+        )
         self.tally.add(row, kept)
         if self.seen is not None:
             self.seen[image_id - FIRST_IMAGE_ID] = 1
         u = review.uncertainty(row["teacher_labels"], row["teacher_scores"], self.per_label)
-        self.queue.offer(image_id, u, {"file_name": file_name, "kept_boxes": int(kept.sum())},
-                         lambda: self._picture(row, kept))
+        self.queue.offer(
+            image_id, u, {"file_name": file_name, "kept_boxes": int(kept.sum())}, lambda: self._picture(row, kept)
+        )
 
     def _picture(self, row: dict, kept: np.ndarray) -> tuple[torch.Tensor, dict]:
         """The image with its kept boxes and the band's dropped ones, captioned `name score` (+ `dropped`)."""
         shown = row["pl_scores"] >= self.per_label[row["pl_labels"]] - review.BAND_BELOW
         image, labels, scores = torch.tensor(row["image"]), row["pl_labels"][shown], row["pl_scores"][shown]
-        target = {"boxes": torch.tensor(row["pl_boxes"].reshape(-1, 4)[shown]), "labels": torch.tensor(labels),
-                  "captions": [f"{self.names[int(k)]} {s:.2f}" + ("" if keep else " dropped")
-                               for k, s, keep in zip(labels, scores, kept[shown])]}
+        target = {
+            "boxes": torch.tensor(row["pl_boxes"].reshape(-1, 4)[shown]),
+            "labels": torch.tensor(labels),
+            "captions": [
+                f"{self.names[int(k)]} {s:.2f}" + ("" if keep else " dropped")
+                for k, s, keep in zip(labels, scores, kept[shown])
+            ],
+        }
         if self.with_masks:
             target["masks"] = decode_masks([m for m, k in zip(row["pl_masks"], shown) if k], *image.shape[1:])
         return image, target
@@ -114,8 +128,9 @@ def label(model: LabelModel, job: LabelJob) -> dict[str, Any]:
     """Label every image of the job's source with `model`; returns (and writes) the label report."""
     _check(job)
     # no flip, no staleness bound (one fixed teacher), no trainers: what the training plan checks is moot
-    cfg = model.cfg.with_overrides({"data.flip_prob": 0.0, "ssl.max_staleness": NO_STALENESS_BOUND,
-                                    "ray.num_workers": 1, "train.device": "auto"})
+    cfg = model.cfg.with_overrides(
+        {"data.flip_prob": 0.0, "ssl.max_staleness": NO_STALENESS_BOUND, "ray.num_workers": 1, "train.device": "auto"}
+    )
     thresholds, rule = label_thresholds(model, job.threshold)
     # the labeler keeps every box the sweep and the review pictures may need
     floor = min([*(t - review.BAND_BELOW for t in thresholds[1:]), *(SWEEP if job.sweep else ())])
@@ -177,8 +192,10 @@ def _labelled(cfg: Config, num_classes: int, source: _Source, store: str) -> ray
     return source.dataset().map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": num_classes, "store_name": store},
-        compute=ActorPoolStrategy(size=r.num_labelers), batch_size=r.labeler_batch_size,
-        num_cpus=r.cpus_per_labeler, num_gpus=r.gpus_per_labeler,
+        compute=ActorPoolStrategy(size=r.num_labelers),
+        batch_size=r.labeler_batch_size,
+        num_cpus=r.cpus_per_labeler,
+        num_gpus=r.gpus_per_labeler,
     )
 
 
@@ -215,14 +232,19 @@ def _skipped(labels: _Labels, source: _Source) -> Report:
     return skipped
 
 
-def _report(model: LabelModel, source: _Source, labels: _Labels, thresholds: list[float], rule: str,
-            clock: Clock) -> dict[str, Any]:
+def _report(
+    model: LabelModel, source: _Source, labels: _Labels, thresholds: list[float], rule: str, clock: Clock
+) -> dict[str, Any]:
     tally, names, skipped = labels.tally, model.names, _skipped(labels, source)
     report = {
-        "model": model.source, "source": source.name,
+        "model": model.source,
+        "source": source.name,
         "threshold": {"rule": rule, "per_class": {names[k]: thresholds[k] for k in sorted(names)}},
-        "images_found": source.total, "images_read": tally.read, "images_labeled": tally.labeled,
-        "images_skipped": dict(skipped.counts), "skipped_examples": skipped.examples,
+        "images_found": source.total,
+        "images_read": tally.read,
+        "images_labeled": tally.labeled,
+        "images_skipped": dict(skipped.counts),
+        "skipped_examples": skipped.examples,
         "boxes": sum(tally.per_class.values()),
         "boxes_per_class": {names[k]: tally.per_class.get(k, 0) for k in sorted(names)},
         **clock.rates(tally.read),
@@ -238,9 +260,15 @@ def _report(model: LabelModel, source: _Source, labels: _Labels, thresholds: lis
 
 def _write_review(queue: review.ReviewQueue, names: dict[int, str], out: Path) -> list[Path]:
     grids = review.write_grids(queue.pictures(), names, out / "review")
-    write_json(out / "review.json", {"rule": review.rule_text(), "images_ranked": queue.seen,
-                                     "grids": [g.relative_to(out).as_posix() for g in grids],
-                                     "images": queue.ranked()})
+    write_json(
+        out / "review.json",
+        {
+            "rule": review.rule_text(),
+            "images_ranked": queue.seen,
+            "grids": [g.relative_to(out).as_posix() for g in grids],
+            "images": queue.ranked(),
+        },
+    )
     return grids
 
 
@@ -258,5 +286,3 @@ def _track(cfg: Config, out: Path, report: dict[str, Any], grids: list[Path]) ->
             tracker.log_artifact(grid, "review")
     finally:
         tracker.finish(report, None)
-
-

@@ -5,6 +5,7 @@ A registered teacher carries a *label bundle* beside MLflow's pickled model (`ex
 dict (loaded with `weights_only=True`, never unpickled as a module), the run's config, its categories
 and the thresholds training ended with. `write_bundle` and `_read_bundle` are the one place that format lives.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,13 @@ class LabelModel:
         return {c["label"]: c["name"] for c in self.categories}
 
 
-def from_checkpoint(checkpoint: str | Path, config: str | Path | None, overrides: list[str], which: str,
-                    prepared: str | Path | None = None) -> LabelModel:
+def from_checkpoint(
+    checkpoint: str | Path,
+    config: str | Path | None,
+    overrides: list[str],
+    which: str,
+    prepared: str | Path | None = None,
+) -> LabelModel:
     """The teacher (or student) of a checkpoint file, or of a run directory's newest checkpoint."""
     path = _checkpoint_file(Path(checkpoint))
     state = load_checkpoint(path)
@@ -72,8 +78,10 @@ def _categories(cfg: Config, prepared: str | Path | None) -> list[dict]:
     for folder in (cfg.data.prepared, prepared):
         if folder is not None and (Path(folder) / BUNDLE_CATEGORIES).is_file():
             return load_categories(folder)
-    raise InputError(f"{Path(cfg.data.prepared) / BUNDLE_CATEGORIES}: the run's categories are not here; "
-                     "point --set data.prepared=DIR at a prepared directory with the same categories")
+    raise InputError(
+        f"{Path(cfg.data.prepared) / BUNDLE_CATEGORIES}: the run's categories are not here; "
+        "point --set data.prepared=DIR at a prepared directory with the same categories"
+    )
 
 
 def from_registry(uri: str, config: str | Path | None, overrides: list[str], which: str) -> LabelModel:
@@ -94,8 +102,9 @@ def from_registry(uri: str, config: str | Path | None, overrides: list[str], whi
 
 def _read_bundle(folder: Path, uri: str, config: str | Path | None, overrides: list[str]) -> LabelModel:
     if not (folder / BUNDLE_STATE).is_file():
-        raise InputError(f"{uri}: no {BUNDLE_STATE} among its files (registered before `ssod label` existed); "
-                         "use --checkpoint")
+        raise InputError(
+            f"{uri}: no {BUNDLE_STATE} among its files (registered before `ssod label` existed); use --checkpoint"
+        )
     cfg = load_config(config or folder / CONFIG_NAME, overrides)
     state = torch.load(folder / BUNDLE_STATE, map_location="cpu", weights_only=True)
     bundled = folder / BUNDLE_CATEGORIES
@@ -104,7 +113,9 @@ def _read_bundle(folder: Path, uri: str, config: str | Path | None, overrides: l
     if (folder / BUNDLE_THRESHOLDS).is_file():
         by_name = json.loads((folder / BUNDLE_THRESHOLDS).read_text())
         floor = cfg.ssl.threshold_floor
-        thresholds = [floor] + [float(by_name.get(c["name"], floor)) for c in sorted(categories, key=lambda c: c["label"])]
+        thresholds = [floor] + [
+            float(by_name.get(c["name"], floor)) for c in sorted(categories, key=lambda c: c["label"])
+        ]
     return LabelModel(cfg, categories, state, thresholds, uri)
 
 
@@ -132,5 +143,7 @@ def label_thresholds(model: LabelModel, override: float | None) -> tuple[list[fl
     if ssl.score_threshold != "auto":
         return [float(ssl.score_threshold)] * count, "ssl.score_threshold"
     if model.fitted_thresholds is not None and len(model.fitted_thresholds) == count:
-        return [float(t) for t in model.fitted_thresholds], "ssl.score_threshold=auto: per-class thresholds fitted in training"
+        return [
+            float(t) for t in model.fitted_thresholds
+        ], "ssl.score_threshold=auto: per-class thresholds fitted in training"
     return [ssl.threshold_floor] * count, "ssl.score_threshold=auto, none fitted: ssl.threshold_floor"

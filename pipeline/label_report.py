@@ -1,5 +1,6 @@
 """What `ssod label` measures and prints: counts per class, precision/recall of the kept boxes against
 held-aside labels (one threshold, and a sweep), and how fast it went."""
+
 from __future__ import annotations
 
 import json
@@ -53,33 +54,47 @@ class Clock:
         now = time.perf_counter()
         seconds, after_first = now - self.started, (now - self.first_at) if self.first_at else 0.0
         steady = rows - self.first_rows
-        return {"seconds": round(seconds, 2),
-                "startup_seconds": round(self.first_at - self.started, 2) if self.first_at else None,
-                "images_per_s": round(rows / seconds, 3),
-                # after the first block: what a long run approaches
-                "steady_images_per_s": round(steady / after_first, 3) if steady > 0 and after_first else None}
+        return {
+            "seconds": round(seconds, 2),
+            "startup_seconds": round(self.first_at - self.started, 2) if self.first_at else None,
+            "images_per_s": round(rows / seconds, 3),
+            # after the first block: what a long run approaches
+            "steady_images_per_s": round(steady / after_first, 3) if steady > 0 and after_first else None,
+        }
 
 
 def quality(stats: PseudoLabelStats) -> dict[str, Any]:
-    return {"precision": stats.matched / stats.scored_boxes if stats.scored_boxes else None,
-            "recall": stats.matched / stats.gt_boxes if stats.gt_boxes else None,
-            "kept_boxes": stats.scored_boxes, "held_aside_boxes": stats.gt_boxes, "images": stats.images}
+    return {
+        "precision": stats.matched / stats.scored_boxes if stats.scored_boxes else None,
+        "recall": stats.matched / stats.gt_boxes if stats.gt_boxes else None,
+        "kept_boxes": stats.scored_boxes,
+        "held_aside_boxes": stats.gt_boxes,
+        "images": stats.images,
+    }
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """What `ssod label` prints: counts, speed, the threshold rule, precision/recall and the sweep table."""
     skipped = sum(report["images_skipped"].values())
-    lines = [(f"labeled {report['images_read']} images ({skipped} skipped, {report['images_labeled']} with boxes) "
-              f"in {report['seconds']} s, {report['images_per_s']} images/s: {report['boxes']} boxes"),
-             f"threshold: {report['threshold']['rule']} {json.dumps(report['threshold']['per_class'])}"]
+    lines = [
+        (
+            f"labeled {report['images_read']} images ({skipped} skipped, {report['images_labeled']} with boxes) "
+            f"in {report['seconds']} s, {report['images_per_s']} images/s: {report['boxes']} boxes"
+        ),
+        f"threshold: {report['threshold']['rule']} {json.dumps(report['threshold']['per_class'])}",
+    ]
     if report["quality"]:
         q = report["quality"]
-        lines.append(f"against held-aside labels (IoU 0.5): precision {_fmt(q['precision'])} "
-                     f"recall {_fmt(q['recall'])} over {q['images']} images")
+        lines.append(
+            f"against held-aside labels (IoU 0.5): precision {_fmt(q['precision'])} "
+            f"recall {_fmt(q['recall'])} over {q['images']} images"
+        )
     if report.get("sweep"):
         lines.append(f"{'threshold':>9s} {'precision':>9s} {'recall':>6s} {'boxes':>6s}")
-        lines += [f"{r['threshold']:9.2f} {_fmt(r['precision']):>9s} {_fmt(r['recall']):>6s} {r['kept_boxes']:6d}"
-                  for r in report["sweep"]]
+        lines += [
+            f"{r['threshold']:9.2f} {_fmt(r['precision']):>9s} {_fmt(r['recall']):>6s} {r['kept_boxes']:6d}"
+            for r in report["sweep"]
+        ]
     return lines
 
 

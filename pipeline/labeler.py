@@ -2,6 +2,7 @@
 
 Rows carry uint8 CHW images and flat box lists; masks travel as COCO RLE strings.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The local runner: burn-in then mutual learning in one process, no Ray. The reference for the Ray run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,15 @@ class SampleStream:
     labeled split) it is an InputError naming the image.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], seed: int, with_masks: bool, flip_prob: float,
-                 where: Path, skipped: Skipped | None = None):
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        seed: int,
+        with_masks: bool,
+        flip_prob: float,
+        where: Path,
+        skipped: Skipped | None = None,
+    ):
         self.rows, self.with_masks, self.where, self.skipped = rows, with_masks, where, skipped
         self.order: Iterator[int] = infinite_indices(len(rows), seed)
         self.weak = weak_transform(flip_prob)
@@ -58,16 +66,27 @@ class LocalFeed:
 
     def __init__(self, cfg: Config, with_masks: bool, inputs: RunInputs):
         prepared, train = Path(cfg.data.prepared), cfg.train
-        self.labeled = SampleStream(read_rows(prepared / LABELED_DIR), train.seed, with_masks, cfg.data.flip_prob,
-                                    prepared / LABELED_DIR)
-        self.unlabeled = SampleStream(read_pool(inputs.pool, inputs.skipped), train.seed + 1, False,
-                                      cfg.data.flip_prob, prepared / UNLABELED_DIR, inputs.skipped)
+        self.labeled = SampleStream(
+            read_rows(prepared / LABELED_DIR), train.seed, with_masks, cfg.data.flip_prob, prepared / LABELED_DIR
+        )
+        self.unlabeled = SampleStream(
+            read_pool(inputs.pool, inputs.skipped),
+            train.seed + 1,
+            False,
+            cfg.data.flip_prob,
+            prepared / UNLABELED_DIR,
+            inputs.skipped,
+        )
         self.skipped = inputs.skipped
         self.batch_size_labeled, self.batch_size_unlabeled = train.batch_size_labeled, train.batch_size_unlabeled
 
     def labeled_batch(self) -> Batch:
-        return labeled_batch([(image, strong_view(image), to_model_target(target))
-                              for _, image, target in self.labeled.next(self.batch_size_labeled)])
+        return labeled_batch(
+            [
+                (image, strong_view(image), to_model_target(target))
+                for _, image, target in self.labeled.next(self.batch_size_labeled)
+            ]
+        )
 
     def pseudo_batch(self, run: TrainingRun) -> Batch:
         samples = self.unlabeled.next(self.batch_size_unlabeled)

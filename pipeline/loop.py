@@ -4,6 +4,7 @@
 in-process streams and teacher, the Ray one its dataset shards, weight store and `ray.train.report`
 (on every train worker; rank 0 alone evaluates, checkpoints and writes metrics).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,12 @@ from models.ema import unwrap
 from models.pseudo_labels import Threshold
 from models.thresholds import AdaptiveThresholds
 from models.unbiased_teacher import (
-    Batch, StepResult, in_mutual_learning, refresh_teacher, unbiased_teacher_step, without_scores,
+    Batch,
+    StepResult,
+    in_mutual_learning,
+    refresh_teacher,
+    unbiased_teacher_step,
+    without_scores,
 )
 from pipeline.config import Config, dump_config
 from pipeline.divergence import SkipGuard
@@ -25,8 +31,16 @@ from pipeline.evaluation import Evaluator
 from pipeline.readers import load_categories
 from pipeline.schema import UNLABELED_DIR
 from pipeline.session import (
-    PseudoLabelStats, build_optimizer, build_student_teacher, checkpoint_state, labeled_class_histogram,
-    load_checkpoint, load_part, resolve_device, to_device, write_metrics,
+    PseudoLabelStats,
+    build_optimizer,
+    build_student_teacher,
+    checkpoint_state,
+    labeled_class_histogram,
+    load_checkpoint,
+    load_part,
+    resolve_device,
+    to_device,
+    write_metrics,
 )
 
 MetricsSink = Callable[[int, dict[str, float]], None]
@@ -59,14 +73,25 @@ CONSOLE_DETAIL = ("pseudo_share/", "/AP75", "/APs", "/APm", "/APl")  # per-class
 
 def print_sink(step: int, metrics: dict[str, float]) -> None:
     """One JSON line per log: losses, AP/AP50 and pseudo-label scalars, without per-class and per-size detail."""
-    shown = {k: round(v, 4) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not any(part in k for part in CONSOLE_DETAIL)}
+    shown = {
+        k: round(v, 4)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not any(part in k for part in CONSOLE_DETAIL)
+    }
     print(json.dumps({"step": step, **shown}), flush=True)
 
 
 class TrainingRun:
-    def __init__(self, cfg: Config, run_dir: str | Path, *, rank: int = 0, device: torch.device | None = None,
-                 sinks: list[MetricsSink] | None = None, parent_run_id: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        rank: int = 0,
+        device: torch.device | None = None,
+        sinks: list[MetricsSink] | None = None,
+        parent_run_id: str | None = None,
+    ):
         self.cfg, self.run_dir, self.rank = cfg, Path(run_dir), rank
         self.device = device or resolve_device(cfg.train.device)
         categories = load_categories(cfg.data.prepared)
@@ -78,8 +103,9 @@ class TrainingRun:
         ssl = cfg.ssl
         # The teacher's score picture is kept in both modes; with `auto` the thresholds are fitted on it.
         self.adaptive = ssl.score_threshold == "auto"
-        self.scores = AdaptiveThresholds(len(categories), ssl.threshold_floor, ssl.threshold_ceiling,
-                                         ssl.threshold_window)
+        self.scores = AdaptiveThresholds(
+            len(categories), ssl.threshold_floor, ssl.threshold_ceiling, ssl.threshold_window
+        )
         self.step, self.skipped_steps, self.history, self.checkpoint_steps = 0, 0, [], []
         self.guard = SkipGuard(cfg.train.max_skipped_fraction, cfg.train.skip_window)
         self.stop_reason: str | None = None  # set when the run must end early with an error (metrics.json keeps it)
@@ -107,8 +133,10 @@ class TrainingRun:
             mutual = self.in_mutual_learning()
             pseudo = feed.pseudo_batch(self) if mutual else None
             if feed.any_rank(mutual and pseudo is None):
-                self.stop_reason = (f"{Path(self.cfg.data.prepared) / UNLABELED_DIR}: the unlabeled stream ran dry at "
-                                    f"step {self.step} of {train.steps} (corrupt_rows_skipped in metrics.json)")
+                self.stop_reason = (
+                    f"{Path(self.cfg.data.prepared) / UNLABELED_DIR}: the unlabeled stream ran dry at "
+                    f"step {self.step} of {train.steps} (corrupt_rows_skipped in metrics.json)"
+                )
                 break
             self.train_step(feed.labeled_batch(), pseudo)
             if self.stop_reason is not None:
@@ -126,16 +154,29 @@ class TrainingRun:
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return checkpoint_state(self.student, self.teacher, self.optimizer, self.scheduler, self.step,
-                                {"skipped_steps": self.skipped_steps, "stats": self.stats.state(),
-                                 "history": json.dumps(self.history),
-                                 "checkpoint_steps": json.dumps(self.checkpoint_steps),
-                                 "scores": self.scores.state_dict()})
+        return checkpoint_state(
+            self.student,
+            self.teacher,
+            self.optimizer,
+            self.scheduler,
+            self.step,
+            {
+                "skipped_steps": self.skipped_steps,
+                "stats": self.stats.state(),
+                "history": json.dumps(self.history),
+                "checkpoint_steps": json.dumps(self.checkpoint_steps),
+                "scores": self.scores.state_dict(),
+            },
+        )
 
     def restore(self, path: str | Path) -> None:
         state = load_checkpoint(path)
-        for target, key in ((unwrap(self.student), "student"), (self.teacher, "teacher"),
-                            (self.optimizer, "optimizer"), (self.scheduler, "scheduler")):
+        for target, key in (
+            (unwrap(self.student), "student"),
+            (self.teacher, "teacher"),
+            (self.optimizer, "optimizer"),
+            (self.scheduler, "scheduler"),
+        ):
             load_part(target, state, key, path)
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
@@ -166,8 +207,13 @@ class TrainingRun:
         if self.adaptive and not self.scores.fitted:  # the first unlabeled batch: fit before thresholding it
             self.scores.refit()
 
-    def pseudo_batch(self, weak: list[torch.Tensor], strong: list[torch.Tensor], kept: list[dict[str, torch.Tensor]],
-                     held_aside: list[dict[str, torch.Tensor] | None]) -> Batch:
+    def pseudo_batch(
+        self,
+        weak: list[torch.Tensor],
+        strong: list[torch.Tensor],
+        kept: list[dict[str, torch.Tensor]],
+        held_aside: list[dict[str, torch.Tensor] | None],
+    ) -> Batch:
         """Both runners' pseudo-labeled batch: the teacher's kept boxes (with scores) on the weak views are counted
         against the held-aside labels and kept for the picture; the student gets the strong views."""
         for target, gt in zip(kept, held_aside):
@@ -179,21 +225,35 @@ class TrainingRun:
         ssl, train = self.cfg.ssl, self.cfg.train
         if pseudo_labeled is not None:
             pseudo_labeled = to_device(pseudo_labeled, self.device)
-        result = unbiased_teacher_step(self.student, self.optimizer, to_device(labeled, self.device),
-                                       pseudo_labeled, ssl.unsup_loss_weight, ssl.unsup_mask_loss,
-                                       train.grad_clip_norm)
+        result = unbiased_teacher_step(
+            self.student,
+            self.optimizer,
+            to_device(labeled, self.device),
+            pseudo_labeled,
+            ssl.unsup_loss_weight,
+            ssl.unsup_mask_loss,
+            train.grad_clip_norm,
+        )
         self.step += 1
         self.skipped_steps += int(result.skipped)
         self.guard.add(result.skipped)
         self._check_divergence()
         self.scheduler.step()
-        refresh_teacher(self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval,
-                        ssl.ema_keep_rate)
+        refresh_teacher(
+            self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval, ssl.ema_keep_rate
+        )
         if self.adaptive and self.step % ssl.threshold_refit_interval == 0:
             self.scores.refit()
         if self.step % train.log_period == 0 or result.skipped:
-            self.log({**result.losses, "total_loss": result.total, "lr": self.scheduler.get_last_lr()[0],
-                      "skipped_steps": self.skipped_steps, **self._pseudo_label_scalars()})
+            self.log(
+                {
+                    **result.losses,
+                    "total_loss": result.total,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "skipped_steps": self.skipped_steps,
+                    **self._pseudo_label_scalars(),
+                }
+            )
         return result
 
     def _check_divergence(self, final: bool = False) -> None:
@@ -208,7 +268,9 @@ class TrainingRun:
         scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         total = sum(summary["pseudo_label_class_counts"].values())
         if total:
-            scalars.update({f"pseudo_share/{name}": n / total for name, n in summary["pseudo_label_class_counts"].items()})
+            scalars.update(
+                {f"pseudo_share/{name}": n / total for name, n in summary["pseudo_label_class_counts"].items()}
+            )
         if self.adaptive:
             scalars.update({f"threshold/{self.names[k]}": float(self.scores.values[k]) for k in self.names})
         scalars["train_steps_per_s"] = (self.step - self._first_step) / (time.perf_counter() - self._started)
@@ -218,8 +280,10 @@ class TrainingRun:
         """`thresholds` (per class) and `score_quantiles` (10/50/90 % of each class's teacher scores)."""
         quantiles = self.scores.quantiles()
         threshold = self.score_threshold
-        return {"thresholds": {self.names[k]: float(threshold[k] if self.adaptive else threshold) for k in self.names},
-                "score_quantiles": {self.names[k]: quantiles[k - 1] for k in self.names}}
+        return {
+            "thresholds": {self.names[k]: float(threshold[k] if self.adaptive else threshold) for k in self.names},
+            "score_quantiles": {self.names[k]: quantiles[k - 1] for k in self.names},
+        }
 
     def log(self, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
@@ -230,17 +294,27 @@ class TrainingRun:
 
     def evaluate(self) -> dict[str, Any]:
         """Teacher and student AP (rank 0). Returns the entry appended to the history."""
-        entry = {"step": self.step, "teacher": self.evaluator(self.teacher, self.device),
-                 "student": self.evaluator(self.student, self.device)}
+        entry = {
+            "step": self.step,
+            "teacher": self.evaluator(self.teacher, self.device),
+            "student": self.evaluator(self.student, self.device),
+        }
         self.history.append(entry)
         if self.tracker is not None and self.last_pseudo is not None:
             self.tracker.log_pseudo_label_grid(self.step, *self.last_pseudo, self.names)
         if self.tracker is not None:
-            self.tracker.log_score_histograms(self.step, {self.names[k]: list(w) for k, w in
-                                                          zip(sorted(self.names), self.scores.windows)},
-                                              self.threshold_summary()["thresholds"])
-        flat = {f"{who}/{iou}/{k}": v for who in ("teacher", "student") for iou, d in entry[who].items()
-                for k, v in d.items() if k != "per_class" and v is not None}
+            self.tracker.log_score_histograms(
+                self.step,
+                {self.names[k]: list(w) for k, w in zip(sorted(self.names), self.scores.windows)},
+                self.threshold_summary()["thresholds"],
+            )
+        flat = {
+            f"{who}/{iou}/{k}": v
+            for who in ("teacher", "student")
+            for iou, d in entry[who].items()
+            for k, v in d.items()
+            if k != "per_class" and v is not None
+        }
         self.log(flat)
         return entry
 
@@ -251,12 +325,18 @@ class TrainingRun:
     def metrics(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {"teacher": {}, "student": {}}
         return {
-            "teacher": last["teacher"], "student": last["student"], "steps": self.step,
-            "skipped_steps": self.skipped_steps, "resumed_from_step": self.resumed_from_step,
-            **self.stats.summary(self.names), **self.threshold_summary(),
+            "teacher": last["teacher"],
+            "student": last["student"],
+            "steps": self.step,
+            "skipped_steps": self.skipped_steps,
+            "resumed_from_step": self.resumed_from_step,
+            **self.stats.summary(self.names),
+            **self.threshold_summary(),
             "labeled_class_histogram": labeled_class_histogram(self.cfg.data.prepared, self.names),
-            "history": [{"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"],
-                         "student_AP": h["student"]["bbox"]["AP"]} for h in self.history],
+            "history": [
+                {"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"], "student_AP": h["student"]["bbox"]["AP"]}
+                for h in self.history
+            ],
             "checkpoint_steps": self.checkpoint_steps,  # the periodic ones; the last step always has one
             "seconds": (seconds := time.perf_counter() - self._started),
             "train_steps_per_s": (self.step - self._first_step) / seconds,

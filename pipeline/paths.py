@@ -1,4 +1,5 @@
 """Output locations: a read-only disk or a file in the way ends in one line naming the path, not a traceback."""
+
 from __future__ import annotations
 
 import contextlib

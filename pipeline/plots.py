@@ -3,6 +3,7 @@
 Figures are built on an Agg canvas directly, without pyplot: no global figure registry to leak from
 long runs, no display needed, and the process-wide matplotlib backend is left alone.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,18 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 # Distinct colours for classes (tab10 as RGB); class labels index it cyclically.
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 def _grouped_bars(title: str, ylabel: str, names: list[str], series: dict[str, list[float]]) -> Figure:
@@ -38,16 +49,19 @@ def _grouped_bars(title: str, ylabel: str, names: list[str], series: dict[str, l
     return fig
 
 
-def per_class_ap_bars(teacher_per_class: dict[str, float | None],
-                      student_per_class: dict[str, float | None]) -> Figure:
+def per_class_ap_bars(teacher_per_class: dict[str, float | None], student_per_class: dict[str, float | None]) -> Figure:
     """Teacher vs student bbox AP per class; classes with undefined AP (None) get no bar."""
     names = list(dict.fromkeys([*teacher_per_class, *student_per_class]))
 
     def values(per_class: dict[str, float | None]) -> list[float]:
         return [math.nan if per_class.get(n) is None else float(per_class[n]) for n in names]
 
-    return _grouped_bars("Per-class AP (bbox)", "AP (%)", names,
-                         {"teacher": values(teacher_per_class), "student": values(student_per_class)})
+    return _grouped_bars(
+        "Per-class AP (bbox)",
+        "AP (%)",
+        names,
+        {"teacher": values(teacher_per_class), "student": values(student_per_class)},
+    )
 
 
 def pseudo_label_distribution(pseudo_counts: dict[str, int], labeled_hist: dict[str, int]) -> Figure:
@@ -58,8 +72,12 @@ def pseudo_label_distribution(pseudo_counts: dict[str, int], labeled_hist: dict[
         total = sum(counts.values())
         return [counts.get(n, 0) / total if total else 0.0 for n in names]
 
-    return _grouped_bars("Pseudo-label class distribution vs labeled prior", "share of boxes", names,
-                         {"pseudo-labels": shares(pseudo_counts), "labeled prior": shares(labeled_hist)})
+    return _grouped_bars(
+        "Pseudo-label class distribution vs labeled prior",
+        "share of boxes",
+        names,
+        {"pseudo-labels": shares(pseudo_counts), "labeled prior": shares(labeled_hist)},
+    )
 
 
 def score_histograms(scores: dict[str, list[float]], thresholds: dict[str, float]) -> Figure:
@@ -97,13 +115,15 @@ def _draw(image: Tensor, target: dict[str, Tensor], names: dict[int, str]) -> Te
         if scores is not None:
             text = [f"{t} {s:.2f}" for t, s in zip(text, scores.tolist())]
         text = target.get("captions", text)  # the caller's own words for each box
-        canvas = draw_bounding_boxes(canvas, boxes.detach().cpu().float(), labels=text, colors=colors, width=2,
-                                     fill_labels=True)
+        canvas = draw_bounding_boxes(
+            canvas, boxes.detach().cpu().float(), labels=text, colors=colors, width=2, fill_labels=True
+        )
     return canvas
 
 
-def pseudo_label_grid(images: list[Tensor], targets: list[dict[str, Tensor]], names: dict[int, str],
-                      nrow: int = 4) -> np.ndarray:
+def pseudo_label_grid(
+    images: list[Tensor], targets: list[dict[str, Tensor]], names: dict[int, str], nrow: int = 4
+) -> np.ndarray:
     """Images (float CHW in [0, 1]) with their boxes, class names, scores and masks, tiled: uint8 HWC."""
     drawn = [_draw(image, target, names) for image, target in zip(images, targets)]
     if not drawn:

@@ -4,6 +4,7 @@ So the same bad input ends in the same one line on both backends: on Ray it woul
 minutes later inside a worker error. Damage to the unlabeled pool is not an error: its unreadable row
 groups are left out here and counted, and the run goes on with the rest.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -66,8 +67,10 @@ def _check_labeled(prepared: Path, split: dict, num_classes: int) -> int:
     if not ids:
         raise InputError(f"{directory}: the labeled split is empty (no rows in its shards); nothing to train on")
     if labels - set(range(1, num_classes + 1)):
-        raise InputError(f"{directory}: labels {sorted(labels)[-1]} outside 1..{num_classes} of categories.json; "
-                         "run `ssod prepare` again")
+        raise InputError(
+            f"{directory}: labels {sorted(labels)[-1]} outside 1..{num_classes} of categories.json; "
+            "run `ssod prepare` again"
+        )
     _same_ids(prepared, LABELED_DIR, split[LABELED_DIR], ids, complete=True)
     return len(ids)
 
@@ -87,8 +90,10 @@ def _check_pool(prepared: Path, split: dict, cfg: Config, inputs: RunInputs) -> 
     folder = cfg.train.backend == "ray" and cfg.data.unlabeled_folder  # the local runner reads no folder
     if not inputs.pool_rows and not folder:
         damaged = " (every shard of it is corrupt)" if inputs.skipped.parts else ""
-        raise InputError(f"{directory}: the unlabeled pool is empty{damaged}; mutual learning needs unlabeled "
-                         "images: prepare with a lower --percent or with --unlabeled-images")
+        raise InputError(
+            f"{directory}: the unlabeled pool is empty{damaged}; mutual learning needs unlabeled "
+            "images: prepare with a lower --percent or with --unlabeled-images"
+        )
     _same_ids(prepared, UNLABELED_DIR, split[UNLABELED_DIR], ids, complete=not inputs.skipped.parts)
 
 
@@ -97,9 +102,11 @@ def _same_ids(prepared: Path, split_name: str, listed: list[int], found: list[in
     extra = sorted(set(found) - set(listed))
     missing = sorted(set(listed) - set(found)) if complete else []
     if extra or missing:
-        raise InputError(f"{prepared / SPLIT_FILE}: its '{split_name}' ids and the {split_name} shards disagree "
-                         f"({len(missing)} listed but in no shard, {len(extra)} in a shard but not listed; first: "
-                         f"{(missing or extra)[0]}); run `ssod prepare` again")
+        raise InputError(
+            f"{prepared / SPLIT_FILE}: its '{split_name}' ids and the {split_name} shards disagree "
+            f"({len(missing)} listed but in no shard, {len(extra)} in a shard but not listed; first: "
+            f"{(missing or extra)[0]}); run `ssod prepare` again"
+        )
 
 
 def check_model(cfg: Config, num_classes: int, checkpoint: Path | None) -> None:

@@ -3,6 +3,7 @@
 The labeled set is `percent` % of the train images that keep at least one trainable box after
 cleaning, drawn with `seed`; every other usable train image, and every extra raw image, is unlabeled.
 """
+
 from __future__ import annotations
 
 import json
@@ -111,8 +112,10 @@ def _check_out(out: Path, keeps_val: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / schema.SPLIT_FILE).exists():
         raise InputError(f"{out}: --out is a non-empty directory that holds no prepared set; choose a new one")
     if not keeps_val and (out / schema.VAL_GT_FILE).exists():
-        raise InputError(f"{out}: --out holds a validation set ({schema.VAL_GT_FILE}) that this run would delete; "
-                         "give --val-annotations and --val-images again, or choose another --out")
+        raise InputError(
+            f"{out}: --out holds a validation set ({schema.VAL_GT_FILE}) that this run would delete; "
+            "give --val-annotations and --val-images again, or choose another --out"
+        )
     return writable_dir(out, "--out")
 
 

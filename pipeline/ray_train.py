@@ -2,6 +2,7 @@
 student (the worker loop is `pipeline/ray_worker.py`); rank 0 keeps the EMA teacher and publishes it to the
 weight store.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,16 +38,22 @@ def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | N
         store.skip.remote(part, rows, "found by the preflight")
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "run_dir": str(run_dir), "store": store_name(run_id),
-                           "parent_run_id": parent_run_id},
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "run_dir": str(run_dir),
+            "store": store_name(run_id),
+            "parent_run_id": parent_run_id,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.gpus_per_worker > 0,
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, "GPU": cfg.ray.gpus_per_worker},
         ),
         datasets=build_datasets(cfg, inputs, store_name(run_id)),
         dataset_config=data_config(plan),
         run_config=ray.train.RunConfig(
-            name=f"ssod-{run_id}", storage_path=str(run_dir / "ray"),
+            name=f"ssod-{run_id}",
+            storage_path=str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],

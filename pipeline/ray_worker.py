@@ -4,6 +4,7 @@ Rank 0 keeps the EMA teacher and publishes it to the store every `ssl.publish_in
 actors pull it from there. Rows labelled by a teacher more than `ssl.max_staleness` steps old are dropped
 and counted, never waited for.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ from pipeline.loop import TrainingRun, print_sink
 from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
 from pipeline.streams import LABELED, UNLABELED
 from pipeline.weights import publish
+
 
 def _epochs(shard, batch_size: int) -> Iterator[dict]:
     """Endless labeled batches; shards are equal-sized, so every rank crosses epochs at the same step."""
@@ -72,8 +74,11 @@ class FreshRows:
         return None  # the stream ran dry
 
     def summary(self) -> dict[str, Any]:
-        return {"stale_rows_dropped": self.dropped, "pseudo_wait_seconds": self.wait_seconds,
-                "labeler_images_per_s": self.taken / self.label_seconds if self.label_seconds else None}
+        return {
+            "stale_rows_dropped": self.dropped,
+            "pseudo_wait_seconds": self.wait_seconds,
+            "labeler_images_per_s": self.taken / self.label_seconds if self.label_seconds else None,
+        }
 
 
 def _target(boxes, labels, masks=None, size: tuple[int, int] | None = None, scores=None) -> dict[str, torch.Tensor]:
@@ -114,8 +119,9 @@ class RayFeed:
                 ray.get(publish(self.store, run.step, run.teacher, run.published_thresholds()))
             all_ranks_agree(True, self.device)  # a barrier: no rank pulls before the publish
             shard = ray.train.get_dataset_shard(UNLABELED)
-            batches = shard.iter_batches(batch_size=cfg.ray.labeler_batch_size, batch_format="numpy",
-                                         prefetch_batches=1)
+            batches = shard.iter_batches(
+                batch_size=cfg.ray.labeler_batch_size, batch_format="numpy", prefetch_batches=1
+            )
             self.fresh = FreshRows(batches, cfg.ssl.max_staleness)
         rows = self.fresh.take(cfg.train.batch_size_unlabeled, run.step)
         self.store.consumed.remote(self.fresh.pulled_since_last())
@@ -134,8 +140,14 @@ class RayFeed:
             kept.append(_target(row["pl_boxes"], row["pl_labels"], masks, image.shape[1:], row["pl_scores"]))
             held_aside.append(_target(row["gt_boxes"], row["gt_labels"]) if row["annotated"] else None)
             if run.rank == 0:  # rank 0 fits the thresholds it publishes
-                run.observe_scores([{"labels": torch.from_numpy(row["teacher_labels"]),
-                                     "scores": torch.from_numpy(row["teacher_scores"])}])
+                run.observe_scores(
+                    [
+                        {
+                            "labels": torch.from_numpy(row["teacher_labels"]),
+                            "scores": torch.from_numpy(row["teacher_scores"]),
+                        }
+                    ]
+                )
             run.stats.add_staleness(run.step - int(row["teacher_version"]))
             weak.append(to_float(image))
             strong.append(to_float(torch.from_numpy(row["strong"])))
@@ -143,7 +155,11 @@ class RayFeed:
 
     def after_step(self, run: TrainingRun) -> None:
         ssl = run.cfg.ssl
-        if run.rank == 0 and run.step > ssl.burn_in_steps and (run.step - ssl.burn_in_steps) % ssl.publish_interval == 0:
+        if (
+            run.rank == 0
+            and run.step > ssl.burn_in_steps
+            and (run.step - ssl.burn_in_steps) % ssl.publish_interval == 0
+        ):
             publish(self.store, run.step, run.teacher, run.published_thresholds())
 
     def any_rank(self, flag: bool) -> bool:
@@ -155,10 +171,13 @@ class RayFeed:
     def finish(self, run: TrainingRun) -> dict[str, Any]:
         fresh = self.fresh
         per_worker = _gather({"rows": fresh.taken if fresh else 0, "versions": sorted(fresh.versions) if fresh else []})
-        extra = {**(fresh.summary() if fresh else {"stale_rows_dropped": 0}), **ray.get(self.store.counters.remote()),
-                 **ray.get(self.store.skipped.remote()),
-                 "pseudo_rows_per_worker": [w["rows"] for w in per_worker],
-                 "teacher_versions_seen": sorted({v for w in per_worker for v in w["versions"]})}
+        extra = {
+            **(fresh.summary() if fresh else {"stale_rows_dropped": 0}),
+            **ray.get(self.store.counters.remote()),
+            **ray.get(self.store.skipped.remote()),
+            "pseudo_rows_per_worker": [w["rows"] for w in per_worker],
+            "teacher_versions_seen": sorted({v for w in per_worker for v in w["versions"]}),
+        }
         metrics = run.finish(extra) if run.rank == 0 else {}
         if run.rank == 0 and run.stop_reason is None:  # beside metrics.json, as the local runner leaves it
             save_checkpoint(run.state(), run.run_dir)
@@ -169,8 +188,14 @@ class RayFeed:
 def train_loop_per_worker(config: dict) -> None:
     cfg = Config.model_validate(config["cfg"])
     rank, device = ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
-    run = TrainingRun(cfg, config["run_dir"], rank=rank, device=device, parent_run_id=config.get("parent_run_id"),
-                      sinks=[print_sink] if rank == 0 else None)
+    run = TrainingRun(
+        cfg,
+        config["run_dir"],
+        rank=rank,
+        device=device,
+        parent_run_id=config.get("parent_run_id"),
+        sinks=[print_sink] if rank == 0 else None,
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:

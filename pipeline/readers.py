@@ -3,6 +3,7 @@
 Both readers yield rows of `schema.ROW_SCHEMA`, so labeled, unlabeled, val and raw-folder datasets
 can be mixed freely. Paths may be local paths or any URI pyarrow understands (or pass `filesystem`).
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 On a small machine a plan that does not leave Ray Data room for its read tasks hangs silently (seen on
 2 CPUs: 2 train workers x 1 CPU + one labeler actor). So every CPU and GPU is accounted for here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,8 +63,9 @@ class ResourcePlan:
         """Ray Data tasks of all runs, labeler actors apart, with the headroom a starting stream needs."""
         if self.labeling:  # one stream from the start: nothing competes with it for a reservation
             return UNLABELED_TASK_CPUS * self.runs
-        per_run = max(LABELED_STREAM_CPUS + UNLABELED_TASK_CPUS,
-                      LABELED_STREAM_CPUS + STREAM_START_CPUS - self.labeler_cpus)
+        per_run = max(
+            LABELED_STREAM_CPUS + UNLABELED_TASK_CPUS, LABELED_STREAM_CPUS + STREAM_START_CPUS - self.labeler_cpus
+        )
         return per_run * self.runs
 
     @property
@@ -82,11 +84,15 @@ class ResourcePlan:
 def plan_resources(cfg: Config) -> ResourcePlan:
     r = cfg.ray
     if cfg.train.device.startswith("cuda") and r.gpus_per_worker == 0:
-        raise InputError(f"train.device={cfg.train.device} but ray.gpus_per_worker=0: the Ray Train workers would "
-                         "train on CPU; set ray.gpus_per_worker (e.g. 1) or train.device=auto")
+        raise InputError(
+            f"train.device={cfg.train.device} but ray.gpus_per_worker=0: the Ray Train workers would "
+            "train on CPU; set ray.gpus_per_worker (e.g. 1) or train.device=auto"
+        )
     return ResourcePlan(
-        train_cpus=r.num_workers * r.cpus_per_worker, train_gpus=r.num_workers * r.gpus_per_worker,
-        labeler_cpus=r.num_labelers * r.cpus_per_labeler, labeler_gpus=r.num_labelers * r.gpus_per_labeler,
+        train_cpus=r.num_workers * r.cpus_per_worker,
+        train_gpus=r.num_workers * r.gpus_per_worker,
+        labeler_cpus=r.num_labelers * r.cpus_per_labeler,
+        labeler_gpus=r.num_labelers * r.gpus_per_labeler,
     )
 
 
@@ -123,9 +129,11 @@ def start_ray(cfg: Config, plan: ResourcePlan) -> None:
         else:
             cores = os.cpu_count() or 1
             if not cfg.ray.num_cpus and cfg.ray.num_workers > cores:
-                raise InputError(f"ray.num_workers={cfg.ray.num_workers} DDP workers on a local Ray of a {cores}-core "
-                                 "machine would each run a full student: lower ray.num_workers, or set "
-                                 "ray.num_cpus to size the local Ray yourself")
+                raise InputError(
+                    f"ray.num_workers={cfg.ray.num_workers} DDP workers on a local Ray of a {cores}-core "
+                    "machine would each run a full student: lower ray.num_workers, or set "
+                    "ray.num_cpus to size the local Ray yourself"
+                )
             num_cpus = cfg.ray.num_cpus or max(math.ceil(plan.cpus), cores)
             os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)  # the local Ray's processes inherit it
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

@@ -7,6 +7,7 @@ by that share (high first), ties by the mean candidate score (low first), then b
 with no candidate ranks last (share 0, mean taken as 1). The grids draw each image's kept boxes and the
 band's dropped ones (captioned "dropped"), so a reviewer sees what the threshold decided.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -66,9 +67,16 @@ class ReviewQueue:
     def offer(self, image_id: int, u: Uncertainty, summary: dict, picture) -> None:
         """`picture` is a zero-argument callable: it is only called for an image that enters the top."""
         self.seen += 1
-        entry = _Entry(u.priority(image_id), {"image_id": image_id, "uncertainty": round(u.share, 4),
-                                              "mean_score": round(u.mean_score, 4), "candidates": u.candidates,
-                                              **summary})
+        entry = _Entry(
+            u.priority(image_id),
+            {
+                "image_id": image_id,
+                "uncertainty": round(u.share, 4),
+                "mean_score": round(u.mean_score, 4),
+                "candidates": u.candidates,
+                **summary,
+            },
+        )
         _push(self._listed, entry, self.listed)
         if self.pictured and (len(self._pictured) < self.pictured or entry > self._pictured[0]):
             _push(self._pictured, _Entry(entry.priority, entry.summary, picture()), self.pictured)
@@ -96,7 +104,7 @@ def write_grids(pictures: list[tuple[dict, Any]], names: dict[int, str], folder:
         old.unlink()
     paths = []
     for start in range(0, len(pictures), GRID_IMAGES):
-        chunk = pictures[start:start + GRID_IMAGES]
+        chunk = pictures[start : start + GRID_IMAGES]
         grid = pseudo_label_grid([to_float(image) for _, (image, _) in chunk], [t for _, (_, t) in chunk], names)
         path = folder / f"grid_{start // GRID_IMAGES:02d}.png"
         Image.fromarray(grid).save(path)
@@ -105,5 +113,7 @@ def write_grids(pictures: list[tuple[dict, Any]], names: dict[int, str], folder:
 
 
 def rule_text() -> str:
-    return (f"share of the teacher's detections scoring >= t - {BAND_BELOW} (t: the class threshold) that fall in "
-            f"[t - {BAND_BELOW}, t + {BAND_ABOVE}), high first; ties: lower mean score of those detections first")
+    return (
+        f"share of the teacher's detections scoring >= t - {BAND_BELOW} (t: the class threshold) that fall in "
+        f"[t - {BAND_BELOW}, t + {BAND_ABOVE}), high first; ties: lower mean score of those detections first"
+    )

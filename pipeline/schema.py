@@ -4,6 +4,7 @@ One row is one image: its encoded bytes exactly as read (or re-encoded as RGB PN
 converted) plus its cleaned annotations. Boxes are absolute-pixel XYXY; `labels` are contiguous model
 labels 1..K (0 is background), mapped to COCO category ids by `categories.json`.
 """
+
 import pyarrow as pa
 
 ROW_SCHEMA = pa.schema(

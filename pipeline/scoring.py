@@ -64,9 +64,11 @@ def _gt_coco(gt: dict | str | Path) -> COCO:
 def _empty_results(gt: COCO) -> COCO:
     """A result set with no detections (``COCO.loadRes`` fails on an empty list)."""
     res = COCO()
-    res.dataset = {"images": list(gt.dataset["images"]),
-                   "categories": copy.deepcopy(gt.dataset["categories"]),
-                   "annotations": []}
+    res.dataset = {
+        "images": list(gt.dataset["images"]),
+        "categories": copy.deepcopy(gt.dataset["categories"]),
+        "annotations": [],
+    }
     with _quiet():
         res.createIndex()
     return res
@@ -119,8 +121,7 @@ def _evaluate(gt: COCO, results: COCO, iou_type: str) -> dict:
     return summary
 
 
-def score_coco(gt: dict | str | Path, detections: list[dict],
-               iou_types: tuple[str, ...] = ("bbox",)) -> dict:
+def score_coco(gt: dict | str | Path, detections: list[dict], iou_types: tuple[str, ...] = ("bbox",)) -> dict:
     """Score COCO-format detections against a COCO ground truth (dict or JSON path).
 
     Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -149,9 +150,12 @@ def _encode_masks(masks: torch.Tensor, threshold: float) -> list[dict]:
     return rles
 
 
-def to_coco_results(image_ids: list[int], outputs: list[dict[str, torch.Tensor]],
-                    label_to_category: dict[int, int],
-                    mask_threshold: float = 0.5) -> list[dict]:
+def to_coco_results(
+    image_ids: list[int],
+    outputs: list[dict[str, torch.Tensor]],
+    label_to_category: dict[int, int],
+    mask_threshold: float = 0.5,
+) -> list[dict]:
     """Convert torchvision detection outputs (XYXY boxes) to COCO result dicts."""
     if len(image_ids) != len(outputs):
         raise ValueError(f"{len(image_ids)} image ids for {len(outputs)} outputs")
@@ -166,8 +170,12 @@ def to_coco_results(image_ids: list[int], outputs: list[dict[str, torch.Tensor]]
         for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
             if label not in label_to_category:
                 raise ValueError(f"label {label} has no COCO category id")
-            det = {"image_id": int(image_id), "category_id": int(label_to_category[label]),
-                   "bbox": [float(v) for v in box], "score": float(score)}
+            det = {
+                "image_id": int(image_id),
+                "category_id": int(label_to_category[label]),
+                "bbox": [float(v) for v in box],
+                "score": float(score),
+            }
             if rles is not None:
                 det["segmentation"] = rles[i]
             results.append(det)

@@ -1,4 +1,5 @@
 """What both runners (local and Ray) share: models, optimizer, views, statistics, checkpoints, metrics."""
+
 from __future__ import annotations
 
 import copy
@@ -49,11 +50,14 @@ def build_student_teacher(cfg: Config, num_classes: int, device: torch.device) -
     return student, teacher
 
 
-def build_optimizer(cfg: Config, student: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optimizer(
+    cfg: Config, student: nn.Module
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """SGD with linear warm-up, as Detectron2 and torchvision's detection references do."""
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
     warmup = max(cfg.train.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
     return optimizer, scheduler
@@ -116,10 +120,17 @@ class PseudoLabelStats:
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"images": self.images, "boxes": self.boxes, "per_class": dict(self.per_class),
-                "matched": self.matched, "gt_boxes": self.gt_boxes, "scored_boxes": self.scored_boxes,
-                "staleness_max": self.staleness_max, "staleness_sum": self.staleness_sum,
-                "staleness_rows": self.staleness_rows}
+        return {
+            "images": self.images,
+            "boxes": self.boxes,
+            "per_class": dict(self.per_class),
+            "matched": self.matched,
+            "gt_boxes": self.gt_boxes,
+            "scored_boxes": self.scored_boxes,
+            "staleness_max": self.staleness_max,
+            "staleness_sum": self.staleness_sum,
+            "staleness_rows": self.staleness_rows,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "PseudoLabelStats":
@@ -151,10 +162,17 @@ def labeled_class_histogram(prepared: str | Path, names: dict[int, str]) -> dict
     return {names[k]: counts.get(k, 0) for k in sorted(names)}
 
 
-def checkpoint_state(student: nn.Module, teacher: nn.Module, optimizer, scheduler, step: int,
-                     extra: dict[str, Any]) -> dict[str, Any]:
-    return {"student": unwrap(student).state_dict(), "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, **extra}
+def checkpoint_state(
+    student: nn.Module, teacher: nn.Module, optimizer, scheduler, step: int, extra: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "student": unwrap(student).state_dict(),
+        "teacher": teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        **extra,
+    }
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
@@ -187,8 +205,10 @@ def load_part(target: Any, state: dict[str, Any], key: str, path: str | Path) ->
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:160]
-        raise InputError(f"{path}: its {key} does not fit this config (another model.arch, model.backbone or "
-                         f"set of classes?): {detail}") from None
+        raise InputError(
+            f"{path}: its {key} does not fit this config (another model.arch, model.backbone or "
+            f"set of classes?): {detail}"
+        ) from None
 
 
 def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> Path:

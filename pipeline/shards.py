@@ -4,6 +4,7 @@ Labeled and validation shards must be whole (`read_rows` raises an InputError na
 unlabeled pool may lose parts: unreadable row groups and undecodable images are skipped and counted in
 `Skipped`, which ends in metrics.json as `corrupt_rows_skipped` and `corrupt_parts_skipped`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -89,14 +90,17 @@ def whole_tables(split_dir: str | Path, columns: list[str] | None = None) -> Ite
     groups, unreadable = row_groups(split_dir)
     if unreadable:
         name, reason = next(iter(unreadable.items()))
-        raise InputError(f"{Path(split_dir) / Path(name).name}: corrupt Parquet shard ({reason}); "
-                         "run `ssod prepare` again")
+        raise InputError(
+            f"{Path(split_dir) / Path(name).name}: corrupt Parquet shard ({reason}); run `ssod prepare` again"
+        )
     for group in groups:
         try:
             yield read_group(group, columns)
         except READ_ERRORS as exc:
-            raise InputError(f"{group.path}: corrupt Parquet shard (row group {group.index}: {_reason(exc)}); "
-                             "run `ssod prepare` again") from None
+            raise InputError(
+                f"{group.path}: corrupt Parquet shard (row group {group.index}: {_reason(exc)}); "
+                "run `ssod prepare` again"
+            ) from None
 
 
 def read_rows(split_dir: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:

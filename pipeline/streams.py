@@ -4,6 +4,7 @@ The unlabeled pool is read row group by row group from the groups the preflight 
 task per shard), so a row group that turns out damaged is skipped and counted in the weight store
 instead of failing the run; the labelers count undecodable images the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,9 @@ def build_datasets(cfg: Config, inputs: RunInputs, weights_store: str) -> dict[s
     if inputs.num_labeled < r.num_workers:
         raise InputError(f"{inputs.num_labeled} labeled images cannot be split over ray.num_workers={r.num_workers}")
     labeled = _passes(read_prepared(cfg.data.prepared, LABELED), _labeled_passes(cfg, inputs.num_labeled)).map_batches(
-        labeled_views, batch_size=cfg.train.batch_size_labeled, num_cpus=VIEW_TASK_CPUS,
+        labeled_views,
+        batch_size=cfg.train.batch_size_labeled,
+        num_cpus=VIEW_TASK_CPUS,
         fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
     )
     with _block_size(_labeler_batch_bytes(cfg, inputs.pool)):
@@ -87,10 +90,13 @@ def read_pool(pool: list[RowGroup], weights_store: str) -> ray.data.Dataset:
     by_shard: dict[str, list[RowGroup]] = defaultdict(list)
     for group in pool:
         by_shard[group.path].append(group)
-    items = [{"path": path, "row_groups": [g.index for g in groups], "rows": [g.rows for g in groups]}
-             for path, groups in by_shard.items()]
+    items = [
+        {"path": path, "row_groups": [g.index for g in groups], "rows": [g.rows for g in groups]}
+        for path, groups in by_shard.items()
+    ]
     return ray.data.from_items(items, override_num_blocks=max(len(items), 1)).map_batches(
-        _read_shard, batch_size=1, num_cpus=READ_TASK_CPUS, fn_kwargs={"weights_store": weights_store})
+        _read_shard, batch_size=1, num_cpus=READ_TASK_CPUS, fn_kwargs={"weights_store": weights_store}
+    )
 
 
 def _read_shard(batch: dict[str, np.ndarray], weights_store: str) -> Iterator[pa.Table]:
@@ -111,19 +117,30 @@ def _unlabeled_stream(cfg: Config, inputs: RunInputs, weights_store: str) -> ray
         extra = read_image_folder(cfg.data.unlabeled_folder)
         parts, pool_size = [*parts, extra], pool_size + extra.count()
     pool = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return _passes(pool, _unlabeled_passes(cfg, pool_size)).map_batches(
-        TeacherLabeler,
-        fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": inputs.num_classes,
-                               "store_name": weights_store},
-        compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
-        batch_size=r.labeler_batch_size, num_cpus=r.cpus_per_labeler, num_gpus=r.gpus_per_labeler,
-    ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=VIEW_TASK_CPUS)
+    return (
+        _passes(pool, _unlabeled_passes(cfg, pool_size))
+        .map_batches(
+            TeacherLabeler,
+            fn_constructor_kwargs={
+                "config": cfg.model_dump(),
+                "num_classes": inputs.num_classes,
+                "store_name": weights_store,
+            },
+            compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
+            batch_size=r.labeler_batch_size,
+            num_cpus=r.cpus_per_labeler,
+            num_gpus=r.gpus_per_labeler,
+        )
+        .map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=VIEW_TASK_CPUS)
+    )
 
 
 def data_config(plan: ResourcePlan) -> ray.train.DataConfig:
     """A budget per stream: with one shared limit the labeled stream reserved it all (see resources.py)."""
+
     def options(cpus: float) -> ExecutionOptions:
         return ExecutionOptions(resource_limits=ExecutionResources(cpu=cpus, object_store_memory=512 * 1024**2))
 
-    return ray.train.DataConfig(execution_options={LABELED: options(plan.labeled_budget_cpus),
-                                                   UNLABELED: options(plan.unlabeled_budget_cpus)})
+    return ray.train.DataConfig(
+        execution_options={LABELED: options(plan.labeled_budget_cpus), UNLABELED: options(plan.unlabeled_budget_cpus)}
+    )

@@ -21,6 +21,7 @@ Every image is rendered from its own RNG, seeded by (seed, image index), so the 
 byte-identical for a given seed whatever the number of worker processes. Images are 8-bit RGB PNG
 files written by a small built-in encoder (faster than PIL's here, and equally deterministic).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,11 +39,18 @@ from pipeline.errors import InputError
 from pipeline.paths import writable_dir
 
 CLASS_NAMES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross", "hexagon", "arrow", "crescent",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "hexagon",
+    "arrow",
+    "crescent",
 )
 # Relative sampling weight of each class (same order as CLASS_NAMES): Zipf with exponent 1.4,
 # so "circle" is 8**1.4 ~ 18x as frequent as "crescent".
-CLASS_WEIGHTS: tuple[float, ...] = tuple(1.0 / (rank ** 1.4) for rank in range(1, len(CLASS_NAMES) + 1))
+CLASS_WEIGHTS: tuple[float, ...] = tuple(1.0 / (rank**1.4) for rank in range(1, len(CLASS_NAMES) + 1))
 
 IMAGE_SIDE = (160, 256)  # inclusive range of image width and height, px
 OBJECT_SIDE = (8.0, 60.0)  # range of an object's longest side, px
@@ -56,8 +64,9 @@ Polygon = np.ndarray  # (N, 2) float array of x, y vertices
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
-def _circle(n: int, cx: float = 0.0, cy: float = 0.0, r: float = 1.0,
-            start: float = 0.0, stop: float = 2 * math.pi) -> Polygon:
+def _circle(
+    n: int, cx: float = 0.0, cy: float = 0.0, r: float = 1.0, start: float = 0.0, stop: float = 2 * math.pi
+) -> Polygon:
     t = np.linspace(start, stop, n, endpoint=stop - start < 2 * math.pi - 1e-9)
     return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
 
@@ -68,8 +77,12 @@ def _crescent(rng: np.random.Generator) -> Polygon:
     x = (1 - r * r + d * d) / (2 * d)  # x of the two circle intersections
     outer = math.atan2(math.sqrt(1 - x * x), x)
     inner = math.atan2(math.sqrt(1 - x * x), x - d)
-    return np.concatenate([_circle(16, start=outer, stop=2 * math.pi - outer),
-                           _circle(12, d, 0.0, r, start=2 * math.pi - inner, stop=inner)])
+    return np.concatenate(
+        [
+            _circle(16, start=outer, stop=2 * math.pi - outer),
+            _circle(12, d, 0.0, r, start=2 * math.pi - inner, stop=inner),
+        ]
+    )
 
 
 def _unit_shape(name: str, rng: np.random.Generator) -> Polygon:
@@ -85,8 +98,9 @@ def _unit_shape(name: str, rng: np.random.Generator) -> Polygon:
         return _circle(10, start=-math.pi / 2, stop=1.5 * math.pi) * radii[:, None]
     if name == "cross":
         t = rng.uniform(0.25, 0.4)
-        return np.array([(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t),
-                         (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)])
+        return np.array(
+            [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        )
     if name == "hexagon":
         return _circle(6)
     if name == "arrow":
@@ -107,9 +121,9 @@ def _pose(unit: Polygon, rng: np.random.Generator, side: float) -> Polygon:
     return pts * (side / np.ptp(pts, axis=0).max())
 
 
-def _clip_edge(poly: list[tuple[float, float]], axis: int, limit: float,
-               keep_below: bool) -> list[tuple[float, float]]:
+def _clip_edge(poly: list[tuple[float, float]], axis: int, limit: float, keep_below: bool) -> list[tuple[float, float]]:
     """One Sutherland-Hodgman step: keep the part of `poly` on one side of x (or y) = limit."""
+
     def inside(p: tuple[float, float]) -> bool:
         return p[axis] <= limit if keep_below else p[axis] >= limit
 
@@ -179,8 +193,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     """Two-colour linear gradient at a random angle plus large low-contrast blobs and lines."""
     c0, c1 = rng.uniform(0, 255, (2, 3))
     a = rng.uniform(0, 2 * math.pi)
-    t = (np.arange(width, dtype=np.float32)[None, :] * math.cos(a)
-         + np.arange(height, dtype=np.float32)[:, None] * math.sin(a))
+    t = np.arange(width, dtype=np.float32)[None, :] * math.cos(a) + np.arange(height, dtype=np.float32)[
+        :, None
+    ] * math.sin(a)
     t -= t.min()
     t *= 255 / max(float(t.max()), 1.0)
     ramp = Image.fromarray(t.astype(np.uint8), "L")
@@ -213,8 +228,13 @@ def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int,
     elif kind == "arc":
         r = rng.uniform(5, 30)
         start = rng.uniform(0, 360)
-        draw.arc([cx - r, cy - r, cx + r, cy + r], start, start + rng.uniform(60, 240),
-                 fill=color, width=int(rng.integers(1, 4)))
+        draw.arc(
+            [cx - r, cy - r, cx + r, cy + r],
+            start,
+            start + rng.uniform(60, 240),
+            fill=color,
+            width=int(rng.integers(1, 4)),
+        )
     elif kind == "line":
         length, a = rng.uniform(10, 80), rng.uniform(0, 2 * math.pi)
         end = (cx + length * math.cos(a), cy + length * math.sin(a))
@@ -224,8 +244,9 @@ def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int,
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
 
 
-def _place(rng: np.random.Generator, name: str, width: int, height: int,
-           boxes: list[Box]) -> tuple[Polygon, Polygon] | None:
+def _place(
+    rng: np.random.Generator, name: str, width: int, height: int, boxes: list[Box]
+) -> tuple[Polygon, Polygon] | None:
     """Pose one object: (full polygon, polygon clipped to the image), or None if it did not fit."""
     side = math.exp(rng.uniform(math.log(OBJECT_SIDE[0]), math.log(OBJECT_SIDE[1])))
     shape = _pose(_unit_shape(name, rng), rng, side)
@@ -254,8 +275,9 @@ def _draw_objects(img: Image.Image, rng: np.random.Generator) -> list[tuple[int,
         poly, clipped = placed
         cx, cy = (int(min(max(v, 0), lim - 1)) for v, lim in zip(clipped.mean(axis=0), (width, height)))
         outline = _color(rng) if rng.random() < 0.3 else None
-        draw.polygon([tuple(p) for p in poly.tolist()], fill=_visible_color(rng, img.getpixel((cx, cy))),
-                     outline=outline)
+        draw.polygon(
+            [tuple(p) for p in poly.tolist()], fill=_visible_color(rng, img.getpixel((cx, cy))), outline=outline
+        )
         objects.append((cls + 1, clipped))
     return objects
 
@@ -287,25 +309,34 @@ def _add_grain(img: Image.Image, rng: np.random.Generator) -> np.ndarray:
 
 def _annotation(ann_id: int, image_id: int, category: int, poly: Polygon, masks: bool) -> dict:
     x0, y0, x1, y1 = _box(poly)
-    ann = {"id": ann_id, "image_id": image_id, "category_id": category,
-           "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-           "area": round(_area(poly), 2), "iscrowd": 0}
+    ann = {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category,
+        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+        "area": round(_area(poly), 2),
+        "iscrowd": 0,
+    }
     if masks:
         ann["segmentation"] = [[round(v, 2) for v in poly.reshape(-1).tolist()]]
     return ann
 
 
-def _write_split(split_dir: Path, seed: int, first_index: int, count: int, masks: bool,
-                 pool: multiprocessing.pool.Pool | None) -> dict:
+def _write_split(
+    split_dir: Path, seed: int, first_index: int, count: int, masks: bool, pool: multiprocessing.pool.Pool | None
+) -> dict:
     """Render `count` images (global indices from `first_index`) and write the split's COCO file."""
     (split_dir / "images").mkdir(parents=True)
     names = [f"{i:06d}.png" for i in range(1, count + 1)]
     tasks = [(seed, first_index + i, split_dir / "images" / name) for i, name in enumerate(names)]
     results = pool.imap(_render, tasks, chunksize=16) if pool else map(_render, tasks)
-    coco: dict = {"info": {"description": f"ssod synthetic shapes, seed {seed}"}, "licenses": [],
-                  "images": [], "annotations": [],
-                  "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
-                                 for i, n in enumerate(CLASS_NAMES)]}
+    coco: dict = {
+        "info": {"description": f"ssod synthetic shapes, seed {seed}"},
+        "licenses": [],
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)],
+    }
     for image_id, (name, (width, height, objects)) in enumerate(zip(names, results), start=1):
         coco["images"].append({"id": image_id, "file_name": name, "width": width, "height": height})
         for category, poly in objects:
@@ -328,8 +359,14 @@ def _check_args(out: Path, num_images: int, seed: int, val_fraction: float) -> N
     writable_dir(out, "the synth output directory")
 
 
-def generate(out_dir: str | Path, num_images: int, seed: int, masks: bool = False,
-             val_fraction: float = 0.2, workers: int | None = None) -> dict:
+def generate(
+    out_dir: str | Path,
+    num_images: int,
+    seed: int,
+    masks: bool = False,
+    val_fraction: float = 0.2,
+    workers: int | None = None,
+) -> dict:
     """Write OUT/train and OUT/val COCO data sets (images/*.png + annotations.json); return a summary.
 
     `num_images` is the total; val gets max(1, round(num_images * val_fraction)). `workers` (default:

@@ -6,6 +6,7 @@ the active run: `finish` resumes the run as active for that call alone (nested, 
 is left in place). The process-wide tracking URI is set, since log_model and `models:/` loading read it.
 With `tracking.enabled: false` every method is a cheap no-op and nothing touches the store.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,15 +48,22 @@ def _finite(value: Any) -> float | None:
 
 
 def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 class Tracker:
-    def __init__(self, cfg: Config, run_dir: str | Path, *, run_name: str | None = None,
-                 parent_run_id: str | None = None, tags: dict | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict | None = None,
+    ):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_name, self.parent_run_id, self.tags = run_name, parent_run_id, dict(tags or {})
         self.uri = tracking_uri(cfg.tracking.uri)
@@ -111,8 +119,9 @@ class Tracker:
         if self.run_id is not None:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_pseudo_label_grid(self, step: int, images: list[Tensor], targets: list[dict[str, Tensor]],
-                              names: dict[int, str]) -> None:
+    def log_pseudo_label_grid(
+        self, step: int, images: list[Tensor], targets: list[dict[str, Tensor]], names: dict[int, str]
+    ) -> None:
         """The first `tracking.log_images` images with their pseudo-labels, as pseudo_labels/step_NNNNNN.png."""
         keep = self.cfg.tracking.log_images
         if self.run_id is None or keep == 0 or not images:
@@ -123,8 +132,9 @@ class Tracker:
     def log_score_histograms(self, step: int, scores: dict[str, list[float]], thresholds: dict[str, float]) -> None:
         """The teacher's score picture as score_histograms/step_NNNNNN.png."""
         if self.run_id is not None and any(scores.values()):
-            self._client.log_figure(self.run_id, plots.score_histograms(scores, thresholds),
-                                    f"score_histograms/step_{step:06d}.png")
+            self._client.log_figure(
+                self.run_id, plots.score_histograms(scores, thresholds), f"score_histograms/step_{step:06d}.png"
+            )
 
     def finish(self, metrics: dict, teacher: torch.nn.Module | None, status: str = "FINISHED") -> None:
         """Log metrics.json, final summary metrics, plots and the teacher model; end the run with `status`."""
@@ -143,18 +153,28 @@ class Tracker:
 
     def _log_summary(self, run_id: str, metrics: dict) -> None:
         self._client.log_dict(run_id, metrics, "metrics.json")
-        summary = {f"final/{who}/{iou}/{k}": v for who in ("teacher", "student")
-                   for iou, scores in (metrics.get(who) or {}).items() for k, v in scores.items() if k != "per_class"}
+        summary = {
+            f"final/{who}/{iou}/{k}": v
+            for who in ("teacher", "student")
+            for iou, scores in (metrics.get(who) or {}).items()
+            for k, v in scores.items()
+            if k != "per_class"
+        }
         summary.update({f"final/{k}": v for k, v in metrics.items() if k not in ("teacher", "student")})
         self._log_metrics(run_id, int(metrics.get("steps") or 0), summary)
-        per_class = {who: (metrics.get(who) or {}).get("bbox", {}).get("per_class") or {}
-                     for who in ("teacher", "student")}
+        per_class = {
+            who: (metrics.get(who) or {}).get("bbox", {}).get("per_class") or {} for who in ("teacher", "student")
+        }
         if per_class["teacher"] or per_class["student"]:
-            self._client.log_figure(run_id, plots.per_class_ap_bars(per_class["teacher"], per_class["student"]),
-                                    "plots/per_class_ap_bbox.png")
+            self._client.log_figure(
+                run_id,
+                plots.per_class_ap_bars(per_class["teacher"], per_class["student"]),
+                "plots/per_class_ap_bbox.png",
+            )
         if metrics.get("pseudo_label_class_counts") is not None and metrics.get("labeled_class_histogram") is not None:
-            figure = plots.pseudo_label_distribution(metrics["pseudo_label_class_counts"],
-                                                     metrics["labeled_class_histogram"])
+            figure = plots.pseudo_label_distribution(
+                metrics["pseudo_label_class_counts"], metrics["labeled_class_histogram"]
+            )
             self._client.log_figure(run_id, figure, "plots/pseudo_label_distribution.png")
 
     def _log_teacher(self, run_id: str, teacher: torch.nn.Module, thresholds: dict[str, float] | None) -> None:
@@ -168,10 +188,13 @@ class Tracker:
         try:
             with tempfile.TemporaryDirectory() as bundle:
                 mlflow.pytorch.log_model(
-                    model, name="teacher", registered_model_name=self.cfg.tracking.registered_model_name,
+                    model,
+                    name="teacher",
+                    registered_model_name=self.cfg.tracking.registered_model_name,
                     # torch.export ("pt2", MLflow's default) cannot trace a detector's list-in, dict-out,
                     # data-dependent forward. The pickle refers to `models.*` classes: ship that (torch-only) package.
-                    serialization_format="pickle", code_paths=[str(Path(models.__file__).parent)],
+                    serialization_format="pickle",
+                    code_paths=[str(Path(models.__file__).parent)],
                     # Explicit requirements skip MLflow's inference, which reloads the model in a subprocess.
                     pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                     extra_files=write_bundle(Path(bundle), model, self.cfg, thresholds),

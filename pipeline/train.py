@@ -1,4 +1,5 @@
 """The one public "train with this config" entry (used by the CLI and by Ray Tune) and checkpoint scoring."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@ It also keeps the labelling credit that bounds staleness: labelers may run at mo
 of what the trainers consumed. The wait times out (and is counted) instead of blocking forever, so a
 window smaller than what Ray Data keeps in flight slows the stream down but can never deadlock it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -92,8 +93,9 @@ def get_or_create_store(name: str) -> ray.actor.ActorHandle:
     return TeacherWeightStore.options(name=name, get_if_exists=True).remote()
 
 
-def publish(store: ray.actor.ActorHandle, version: int, teacher: torch.nn.Module,
-            thresholds: list[float] | None = None) -> ray.ObjectRef:
+def publish(
+    store: ray.actor.ActorHandle, version: int, teacher: torch.nn.Module, thresholds: list[float] | None = None
+) -> ray.ObjectRef:
     """Non-blocking: training goes on while the store takes the copy."""
     state = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
     return store.publish.remote(version, state, thresholds)

@@ -1,4 +1,5 @@
 """Helpers of the bad-input tests: damaged copies of a prepared set and the CLI run as a user runs it."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT
+
 from pipeline.errors import InputError
 
 
@@ -50,8 +51,9 @@ def error_of(call, *args, **kwargs) -> str:
 
 
 def cli(*argv: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *names: str) -> None:

@@ -1,4 +1,5 @@
 """Small real COCO fixtures written to disk: images of any mode/format and annotation files."""
+
 from __future__ import annotations
 
 import json

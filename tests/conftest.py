@@ -1,4 +1,5 @@
 """Shared fixtures: one small synthetic data set (prepared once), a local Ray, tiny configs."""
+
 from __future__ import annotations
 
 import os
@@ -30,18 +31,38 @@ def synthetic_coco(tmp_path_factory) -> Path:
 def prepared(synthetic_coco: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     coco = synthetic_coco
-    prepare(coco / "train" / "annotations.json", coco / "train" / "images", 20, 0, out,
-            val_annotations=coco / "val" / "annotations.json", val_images=coco / "val" / "images")
+    prepare(
+        coco / "train" / "annotations.json",
+        coco / "train" / "images",
+        20,
+        0,
+        out,
+        val_annotations=coco / "val" / "annotations.json",
+        val_images=coco / "val" / "images",
+    )
     return out
 
 
 def tiny_config(prepared: Path, output: Path, *overrides: str) -> Config:
     """A few seconds per step on 2 CPU cores: tiny backbone, 128 px, few ROIs, a handful of val images."""
     base = [
-        "model.backbone=tiny", "model.pretrained=none", f"data.prepared={prepared}", f"train.output_dir={output}", "model.min_size=[128]", "model.max_size=192",
-        "model.rois_per_image=32", "data.eval_images=6", "train.steps=8", "ssl.burn_in_steps=4",
-        "ssl.score_threshold=0.05", "train.eval_period=4", "train.checkpoint_period=4", "train.log_period=2",
-        "train.warmup_steps=2", "tracking.enabled=false", "train.device=cpu",
+        "model.backbone=tiny",
+        "model.pretrained=none",
+        f"data.prepared={prepared}",
+        f"train.output_dir={output}",
+        "model.min_size=[128]",
+        "model.max_size=192",
+        "model.rois_per_image=32",
+        "data.eval_images=6",
+        "train.steps=8",
+        "ssl.burn_in_steps=4",
+        "ssl.score_threshold=0.05",
+        "train.eval_period=4",
+        "train.checkpoint_period=4",
+        "train.log_period=2",
+        "train.warmup_steps=2",
+        "tracking.enabled=false",
+        "train.device=cpu",
     ]
     return load_config(ROOT / "configs" / "demo.yaml", base + list(overrides))
 

@@ -3,6 +3,7 @@
 Each ends in one line naming the key or the file and the problem (exit code 2 from the CLI), before any
 training. The last tests run the CLI as a user would and read its stderr.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from badinput import assert_one_line_error, cli, error_of
-
 from conftest import tiny_config
+
 from models.builders import build_detector
 from pipeline.config import load_config
 from pipeline.local import train_local
@@ -73,12 +74,16 @@ def bad_files(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("name, problem", [
-    ("text.pt", "not a torch weights file"),
-    ("objects.pt", "holds Python objects"),
-    ("truncated.pt", "not a torch weights file"),
-    ("dir.pt", "a directory"),
-], ids=["text_file", "pickled_objects", "truncated", "directory"])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("text.pt", "not a torch weights file"),
+        ("objects.pt", "holds Python objects"),
+        ("truncated.pt", "not a torch weights file"),
+        ("dir.pt", "a directory"),
+    ],
+    ids=["text_file", "pickled_objects", "truncated", "directory"],
+)
 def test_weights_file_error_is_one_line_without_unsafe_advice(bad_files, name, problem):
     message = error_of(train_local_build, bad_files / name)
     assert message.startswith(f"model.weights_path: {bad_files / name}: {problem}")
@@ -105,9 +110,19 @@ def test_resume_with_a_checkpoint_of_another_architecture(prepared, tmp_path):
 
 
 def test_unknown_tracking_scheme_is_the_same_line_on_both_backends(prepared, tmp_path):
-    messages = {backend: error_of(train, tiny_config(prepared, tmp_path / backend, f"train.backend={backend}",
-                                                     "tracking.enabled=true", "tracking.uri=notascheme://x"))
-                for backend in ("local", "ray")}
+    messages = {
+        backend: error_of(
+            train,
+            tiny_config(
+                prepared,
+                tmp_path / backend,
+                f"train.backend={backend}",
+                "tracking.enabled=true",
+                "tracking.uri=notascheme://x",
+            ),
+        )
+        for backend in ("local", "ray")
+    }
     assert messages["local"] == messages["ray"] and messages["local"].startswith("tracking.uri=notascheme://x: ")
 
 
@@ -128,22 +143,59 @@ def _cli_cases(prepared: Path, files: Path) -> dict[str, tuple[list[str], list[s
     shutil.copytree(prepared, no_val)
     (no_val / "val_annotations.json").unlink()
     return {
-        "empty_config_file": (["train", "--config", str(files / "empty.yaml")], ["empty.yaml: the config file is empty"]),
+        "empty_config_file": (
+            ["train", "--config", str(files / "empty.yaml")],
+            ["empty.yaml: the config file is empty"],
+        ),
         "lr_infinite": (["train", "--set", "train.lr=.inf"], ["train.lr"]),
-        "weights_file_is_text": (["train", *data, "--set", "train.backend=local", "--set", "tracking.enabled=false",
-                                  "--set", f"model.weights_path={files / 'text.pt'}"], ["text.pt: not a torch weights"]),
+        "weights_file_is_text": (
+            [
+                "train",
+                *data,
+                "--set",
+                "train.backend=local",
+                "--set",
+                "tracking.enabled=false",
+                "--set",
+                f"model.weights_path={files / 'text.pt'}",
+            ],
+            ["text.pt: not a torch weights"],
+        ),
         "unknown_tracking_scheme_on_ray": (["train", *data, "--set", "tracking.uri=notascheme://x"], ["notascheme"]),
-        "val_annotations_missing_on_ray": (["train", "--set", f"data.prepared={no_val}", "--output",
-                                            str(files / "run")], ["val_annotations.json: no validation set"]),
-        "prepare_out_is_a_file": (["prepare", "--annotations", "a.json", "--images", str(files), "--percent", "5",
-                                   "--out", str(files / "existing")], ["existing: --out is an existing file"]),
-        "evaluate_checkpoint_is_text": (["evaluate", "--set", f"data.prepared={prepared}", "--checkpoint",
-                                         str(files / "text.pt")], ["text.pt: not a readable checkpoint"]),
+        "val_annotations_missing_on_ray": (
+            ["train", "--set", f"data.prepared={no_val}", "--output", str(files / "run")],
+            ["val_annotations.json: no validation set"],
+        ),
+        "prepare_out_is_a_file": (
+            [
+                "prepare",
+                "--annotations",
+                "a.json",
+                "--images",
+                str(files),
+                "--percent",
+                "5",
+                "--out",
+                str(files / "existing"),
+            ],
+            ["existing: --out is an existing file"],
+        ),
+        "evaluate_checkpoint_is_text": (
+            ["evaluate", "--set", f"data.prepared={prepared}", "--checkpoint", str(files / "text.pt")],
+            ["text.pt: not a readable checkpoint"],
+        ),
     }
 
 
-CLI_CASES = ["empty_config_file", "lr_infinite", "weights_file_is_text", "unknown_tracking_scheme_on_ray",
-             "val_annotations_missing_on_ray", "prepare_out_is_a_file", "evaluate_checkpoint_is_text"]
+CLI_CASES = [
+    "empty_config_file",
+    "lr_infinite",
+    "weights_file_is_text",
+    "unknown_tracking_scheme_on_ray",
+    "val_annotations_missing_on_ray",
+    "prepare_out_is_a_file",
+    "evaluate_checkpoint_is_text",
+]
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
@@ -157,8 +209,9 @@ def test_cli_prints_one_line_and_exits_2(prepared, bad_files, case):
 def _read_only_mount_works(path: Path) -> bool:
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro {path} {path} && ! touch {path}/x"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount --bind -o ro {path} {path} && ! touch {path}/x"], capture_output=True
+    )
     return probe.returncode == 0
 
 
@@ -167,9 +220,27 @@ def test_outputs_on_a_read_only_file_system(prepared, synthetic_coco, tmp_path):
         pytest.skip("needs `unshare -m` and bind mounts (root) to make a read-only file system")
     ro = ("unshare", "-m", "sh", "-c", f'mount --bind -o ro {tmp_path} {tmp_path} && exec "$0" "$@"')
     train_dir = synthetic_coco / "train"
-    done = cli("prepare", "--annotations", str(train_dir / "annotations.json"), "--images", str(train_dir / "images"),
-               "--percent", "10", "--out", str(tmp_path / "out"), prefix=ro)
+    done = cli(
+        "prepare",
+        "--annotations",
+        str(train_dir / "annotations.json"),
+        "--images",
+        str(train_dir / "images"),
+        "--percent",
+        "10",
+        "--out",
+        str(tmp_path / "out"),
+        prefix=ro,
+    )
     assert_one_line_error(done, f"{tmp_path / 'out'}: cannot write --out (Read-only file system)")
-    done = cli("train", "--set", f"data.prepared={prepared}", "--set", "tracking.enabled=false",
-               "--output", str(tmp_path / "run"), prefix=ro)
+    done = cli(
+        "train",
+        "--set",
+        f"data.prepared={prepared}",
+        "--set",
+        "tracking.enabled=false",
+        "--output",
+        str(tmp_path / "run"),
+        prefix=ro,
+    )
     assert_one_line_error(done, f"{tmp_path / 'run'}: cannot write train.output_dir (Read-only file system)")

@@ -1,6 +1,7 @@
 """Bad data at every stage: what `ssod prepare` counts and drops, what `ssod train` refuses before it
 starts (the same line on both backends), and what a run skips and counts while it goes on.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from badinput import copy_prepared, damage_row_group, edit_json, error_of, first_shard
 from cocofix import ann, dataset, image_entry, save_image, write_coco
-
 from conftest import tiny_config
+
 from pipeline import schema
 from pipeline.divergence import SkipGuard
 from pipeline.errors import InputError
 from pipeline.local import SampleStream, train_local
-from pipeline.prepare import prepare
 from pipeline.preflight import check_run
+from pipeline.prepare import prepare
 from pipeline.shards import Skipped
 from pipeline.train import train
 
@@ -99,23 +100,43 @@ def _set_segmentation(p: Path, value: str) -> None:
 
 REFUSED = {  # case -> (damage to a copy of the prepared set, extra overrides, what the one line says)
     "labeled_split_empty": (_delete_labeled_shards, [], "labeled: the labeled split is empty"),
-    "unlabeled_shard_deleted": (lambda p: first_shard(p / "unlabeled").unlink(), [],
-                                "unlabeled: the unlabeled pool is empty"),
-    "corrupt_labeled_shard": (lambda p: damage_row_group(first_shard(p / "labeled")), [],
-                              "labeled/part-00000.parquet: corrupt Parquet shard (row group 0"),
+    "unlabeled_shard_deleted": (
+        lambda p: first_shard(p / "unlabeled").unlink(),
+        [],
+        "unlabeled: the unlabeled pool is empty",
+    ),
+    "corrupt_labeled_shard": (
+        lambda p: damage_row_group(first_shard(p / "labeled")),
+        [],
+        "labeled/part-00000.parquet: corrupt Parquet shard (row group 0",
+    ),
     "split_lists_ids_no_shard_holds": (
-        lambda p: edit_json(p / "split.json", lambda s: s["labeled"].__setitem__(0, 999999)), [],
+        lambda p: edit_json(p / "split.json", lambda s: s["labeled"].__setitem__(0, 999999)),
+        [],
         "split.json: its 'labeled' ids and the labeled shards disagree (1 listed but in no shard, 1 in a shard "
-        "but not listed; first: 999999)"),
-    "val_annotations_missing": (lambda p: (p / schema.VAL_GT_FILE).unlink(), [],
-                                "val_annotations.json: no validation set"),
-    "val_annotations_malformed": (lambda p: (p / schema.VAL_GT_FILE).write_text('{"images": ['), [],
-                                  "val_annotations.json: malformed JSON"),
-    "mask_rcnn_on_garbage_segmentation": (lambda p: _set_segmentation(p, '"garbage"'), ["model.arch=mask_rcnn"],
-                                          "has a segmentation that is neither polygons nor an RLE"),
+        "but not listed; first: 999999)",
+    ),
+    "val_annotations_missing": (
+        lambda p: (p / schema.VAL_GT_FILE).unlink(),
+        [],
+        "val_annotations.json: no validation set",
+    ),
+    "val_annotations_malformed": (
+        lambda p: (p / schema.VAL_GT_FILE).write_text('{"images": ['),
+        [],
+        "val_annotations.json: malformed JSON",
+    ),
+    "mask_rcnn_on_garbage_segmentation": (
+        lambda p: _set_segmentation(p, '"garbage"'),
+        ["model.arch=mask_rcnn"],
+        "has a segmentation that is neither polygons nor an RLE",
+    ),
     "not_a_prepared_dir": (lambda p: (p / "split.json").unlink(), [], "data.prepared is not a prepared set"),
-    "output_dir_is_a_file": (lambda p: (p / "a_file").write_text("x"), ["train.output_dir={p}/a_file"],
-                             "a_file: train.output_dir is an existing file"),
+    "output_dir_is_a_file": (
+        lambda p: (p / "a_file").write_text("x"),
+        ["train.output_dir={p}/a_file"],
+        "a_file: train.output_dir is an existing file",
+    ),
 }
 
 
@@ -124,8 +145,10 @@ def test_train_refuses_before_it_starts_on_both_backends(prepared, tmp_path, dam
     broken = copy_prepared(prepared, tmp_path / "p")
     damage(broken)
     overrides = [o.format(p=broken) for o in overrides]
-    lines = {backend: error_of(train, tiny_config(broken, tmp_path / backend, f"train.backend={backend}", *overrides))
-             for backend in ("local", "ray")}
+    lines = {
+        backend: error_of(train, tiny_config(broken, tmp_path / backend, f"train.backend={backend}", *overrides))
+        for backend in ("local", "ray")
+    }
     assert lines["local"] == lines["ray"] and message in lines["local"]
 
 
@@ -155,8 +178,13 @@ def test_corrupt_unlabeled_rows_are_skipped_and_counted(prepared, tmp_path):
 
 
 def test_undecodable_unlabeled_image_is_skipped_and_counted_but_a_labeled_one_is_refused(tmp_path):
-    good = {"image_id": 1, "image": (save_image(tmp_path / "a.png")).read_bytes(), "boxes": [], "labels": [],
-            "segmentations": []}
+    good = {
+        "image_id": 1,
+        "image": (save_image(tmp_path / "a.png")).read_bytes(),
+        "boxes": [],
+        "labels": [],
+        "segmentations": [],
+    }
     rows = [good, {**good, "image_id": 2, "image": b"not an image"}]
     skipped = Skipped()
     stream = SampleStream(rows, 0, False, 0.5, tmp_path / "unlabeled", skipped)
@@ -167,8 +195,17 @@ def test_undecodable_unlabeled_image_is_skipped_and_counted_but_a_labeled_one_is
 
 
 def test_run_whose_steps_are_mostly_skipped_stops_with_a_reason(prepared, tmp_path):
-    cfg = tiny_config(prepared, tmp_path / "run", "train.backend=local", "train.lr=1e12", "train.grad_clip_norm=null",
-                      "train.warmup_steps=0", "train.skip_window=3", "train.steps=6", "ssl.burn_in_steps=6")
+    cfg = tiny_config(
+        prepared,
+        tmp_path / "run",
+        "train.backend=local",
+        "train.lr=1e12",
+        "train.grad_clip_norm=null",
+        "train.warmup_steps=0",
+        "train.skip_window=3",
+        "train.steps=6",
+        "ssl.burn_in_steps=6",
+    )
     message = error_of(train, cfg)
     assert message.startswith("train.max_skipped_fraction=0.5: 2 of the last 3 steps were skipped")
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -189,20 +226,31 @@ def test_skip_guard_judges_a_full_window_or_the_end_of_a_short_run():
 
 @pytest.mark.slow
 def test_ray_run_skips_and_counts_corrupt_unlabeled_rows_then_refuses_another_architecture(
-        ray_cluster, prepared, tmp_path):
+    ray_cluster, prepared, tmp_path
+):
     broken = copy_prepared(prepared, tmp_path / "p")
     shard = first_shard(broken / "unlabeled")
     damage_row_group(shard)  # found by the Ray Data reader, not the preflight: counted in the weight store
-    cfg = tiny_config(broken, tmp_path / "run", "train.steps=6", "ssl.burn_in_steps=2", "ray.cpus_per_worker=1",
-                      "ray.cpus_per_labeler=0.5", "ray.labeler_batch_size=1", "ray.max_failures=0")
+    cfg = tiny_config(
+        broken,
+        tmp_path / "run",
+        "train.steps=6",
+        "ssl.burn_in_steps=2",
+        "ray.cpus_per_worker=1",
+        "ray.cpus_per_labeler=0.5",
+        "ray.labeler_batch_size=1",
+        "ray.max_failures=0",
+    )
     metrics = train(cfg) and json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["stop_reason"] is None and metrics["pseudo_labeled_images"] > 0
     assert metrics["corrupt_rows_skipped"] == pq.ParquetFile(shard).metadata.row_group(0).num_rows
     assert metrics["corrupt_parts_skipped"] == ["unlabeled/part-00000.parquet row group 0"]
     # Resuming the same run directory as Mask R-CNN: refused on the driver, as the local runner refuses it.
     message = error_of(train, cfg.with_overrides({"model.arch": "mask_rcnn"}))
-    assert message.endswith(".pt: its student does not fit this config (another model.arch, model.backbone or "
-                            "set of classes?): " + message.split("set of classes?): ")[1])
+    assert message.endswith(
+        ".pt: its student does not fit this config (another model.arch, model.backbone or "
+        "set of classes?): " + message.split("set of classes?): ")[1]
+    )
     assert "checkpoint" in message and "Traceback" not in message
 
 

@@ -1,4 +1,5 @@
 """Config: validation by key name, overrides, and paths that survive Ray's working-directory changes."""
+
 import pytest
 
 from pipeline.config import load_config
@@ -7,7 +8,9 @@ from pipeline.errors import InputError
 
 def test_relative_local_paths_become_absolute_but_uris_stay(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["data.prepared=data/p", "data.unlabeled_folder=s3://bucket/raw", "train.output_dir=runs/x"])
+    cfg = load_config(
+        None, ["data.prepared=data/p", "data.unlabeled_folder=s3://bucket/raw", "train.output_dir=runs/x"]
+    )
     resolved = cfg.with_absolute_paths()
     assert resolved.data.prepared == str(tmp_path / "data" / "p")
     assert resolved.train.output_dir == str(tmp_path / "runs" / "x")

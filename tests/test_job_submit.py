@@ -1,4 +1,5 @@
 """`ray job submit --working-dir .` against a `ray start --head` cluster on this machine."""
+
 import os
 import subprocess
 import sys
@@ -6,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow  # a Ray head node and a submitted job
@@ -17,21 +17,71 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def test_job_submitted_to_a_head_node_trains_on_ray(prepared, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     gcs, dashboard = free_port(), free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=4",
-                    "--dashboard-host=127.0.0.1", f"--temp-dir={tempfile.mkdtemp(prefix='ray')}"],  # short: socket paths
-                   check=True, env=env, timeout=180,
-                   capture_output=True)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=4",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={tempfile.mkdtemp(prefix='ray')}",
+        ],  # short: socket paths
+        check=True,
+        env=env,
+        timeout=180,
+        capture_output=True,
+    )
     out = tmp_path / "job_run"
     try:
         job = subprocess.run(
-            [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
-             "python", "-m", "pipeline.cli", "train", "--config", "configs/demo.yaml",
-             "--set", f"data.prepared={prepared}", "--set", "train.steps=5", "--set", "ssl.burn_in_steps=3",
-             "--set", "model.backbone=tiny", "--set", "model.pretrained=none",  # the submission is tested, not the model
-             "--set", "model.min_size=[128]", "--set", "model.rois_per_image=32", "--set", "data.eval_images=4",
-             "--set", "ray.cpus_per_worker=0.5", "--set", "ray.cpus_per_labeler=0.25", "--set", "ssl.max_staleness=8",
-             "--set", "tracking.enabled=false", "--output", str(out)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+            [
+                RAY,
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dashboard}",
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "-m",
+                "pipeline.cli",
+                "train",
+                "--config",
+                "configs/demo.yaml",
+                "--set",
+                f"data.prepared={prepared}",
+                "--set",
+                "train.steps=5",
+                "--set",
+                "ssl.burn_in_steps=3",
+                "--set",
+                "model.backbone=tiny",
+                "--set",
+                "model.pretrained=none",  # the submission is tested, not the model
+                "--set",
+                "model.min_size=[128]",
+                "--set",
+                "model.rois_per_image=32",
+                "--set",
+                "data.eval_images=4",
+                "--set",
+                "ray.cpus_per_worker=0.5",
+                "--set",
+                "ray.cpus_per_labeler=0.25",
+                "--set",
+                "ssl.max_staleness=8",
+                "--set",
+                "tracking.enabled=false",
+                "--output",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout

@@ -1,5 +1,6 @@
 """`ssod label` end to end on a real local Ray: an image folder and a prepared split, Faster and Mask R-CNN,
 a corrupt image, --model-uri from a local MLflow registry, and train -> label -> prepare -> train."""
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,28 @@ def coco(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_prepared(coco: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("label_prepared")
-    prepare(coco / "train" / "annotations.json", coco / "train" / "images", 25, 0, out,
-            val_annotations=coco / "val" / "annotations.json", val_images=coco / "val" / "images")
+    prepare(
+        coco / "train" / "annotations.json",
+        coco / "train" / "images",
+        25,
+        0,
+        out,
+        val_annotations=coco / "val" / "annotations.json",
+        val_images=coco / "val" / "images",
+    )
     return out
 
 
 def _train(prepared: Path, run_dir: Path, *overrides: str) -> Path:
-    cfg = tiny_config(prepared, run_dir, "train.backend=local", "train.steps=2", "ssl.burn_in_steps=2",
-                      "data.eval_images=2", *overrides)
+    cfg = tiny_config(
+        prepared,
+        run_dir,
+        "train.backend=local",
+        "train.steps=2",
+        "ssl.burn_in_steps=2",
+        "data.eval_images=2",
+        *overrides,
+    )
     train_local(cfg)
     return run_dir
 
@@ -97,13 +112,30 @@ def _read(out: Path) -> tuple[dict, dict, dict]:
 @pytest.fixture(scope="module")
 def folder_labels(ray_cluster, faster_run: Path, folder: Path, threshold: float, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("folder_labels")
-    assert main(["label", "--checkpoint", str(faster_run / "checkpoint.pt"), "--images", str(folder), "--out", str(out),
-                 "--threshold", str(threshold), "--review", "3"]) == 0
+    assert (
+        main(
+            [
+                "label",
+                "--checkpoint",
+                str(faster_run / "checkpoint.pt"),
+                "--images",
+                str(folder),
+                "--out",
+                str(out),
+                "--threshold",
+                str(threshold),
+                "--review",
+                "3",
+            ]
+        )
+        == 0
+    )
     return out
 
 
-def test_label_an_image_folder_skipping_a_corrupt_image(folder_labels: Path, folder: Path, small_prepared: Path,
-                                                        threshold: float):
+def test_label_an_image_folder_skipping_a_corrupt_image(
+    folder_labels: Path, folder: Path, small_prepared: Path, threshold: float
+):
     labels, report, ranking = _read(folder_labels)
     # ids follow the sorted relative paths; the skipped broken.png used one up
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in (".png", ".webp"))
@@ -122,9 +154,13 @@ def test_label_an_image_folder_skipping_a_corrupt_image(folder_labels: Path, fol
     assert all(a["iscrowd"] == 0 and a["area"] == pytest.approx(a["bbox"][2] * a["bbox"][3], rel=0.02) for a in anns)
     assert len(COCO(str(folder_labels / "labels.json")).getAnnIds()) == len(anns)
     assert (report["images_found"], report["images_read"]) == (6, 5)
-    assert report["images_skipped"] == {"undecodable": 1} and report["skipped_examples"] == {"undecodable": ["broken.png"]}
+    assert report["images_skipped"] == {"undecodable": 1} and report["skipped_examples"] == {
+        "undecodable": ["broken.png"]
+    }
     assert report["boxes"] == len(anns) == sum(report["boxes_per_class"].values())
-    assert report["threshold"]["rule"] == "--threshold" and set(report["threshold"]["per_class"].values()) == {threshold}
+    assert report["threshold"]["rule"] == "--threshold" and set(report["threshold"]["per_class"].values()) == {
+        threshold
+    }
     assert report["quality"] is None  # a raw folder has no held-aside labels
     keys = [(-r["uncertainty"], r["mean_score"], r["image_id"]) for r in ranking["images"]]
     assert keys == sorted(keys) and len(keys) == 5 and ranking["images_ranked"] == 5
@@ -132,11 +168,22 @@ def test_label_an_image_folder_skipping_a_corrupt_image(folder_labels: Path, fol
     assert Image.open(folder_labels / "review" / "grid_00.png").size[0] > 3 * 128
 
 
-def test_label_a_prepared_split_reports_precision_recall_and_a_sweep(ray_cluster, faster_run, small_prepared,
-                                                                     tmp_path, capsys):
+def test_label_a_prepared_split_reports_precision_recall_and_a_sweep(
+    ray_cluster, faster_run, small_prepared, tmp_path, capsys
+):
     out = tmp_path / "split"
-    code, printed, _ = _label(capsys, "--checkpoint", str(faster_run), "--prepared", str(small_prepared),
-                              "--split", "unlabeled", "--out", str(out), "--sweep")
+    code, printed, _ = _label(
+        capsys,
+        "--checkpoint",
+        str(faster_run),
+        "--prepared",
+        str(small_prepared),
+        "--split",
+        "unlabeled",
+        "--out",
+        str(out),
+        "--sweep",
+    )
     assert code == 0
     labels, report, _ = _read(out)
     split = json.loads((small_prepared / "split.json").read_text())
@@ -164,8 +211,19 @@ def mask_run(small_prepared: Path, tmp_path_factory) -> Path:
 
 def test_mask_rcnn_labels_carry_rle_masks(ray_cluster, mask_run, small_prepared, tmp_path, capsys):
     out = tmp_path / "masks"
-    code, _, _ = _label(capsys, "--checkpoint", str(mask_run / "checkpoint.pt"), "--prepared", str(small_prepared),
-                        "--split", "val", "--out", str(out), "--review", "2")
+    code, _, _ = _label(
+        capsys,
+        "--checkpoint",
+        str(mask_run / "checkpoint.pt"),
+        "--prepared",
+        str(small_prepared),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--review",
+        "2",
+    )
     assert code == 0
     labels, report, _ = _read(out)
     coco = COCO(str(out / "labels.json"))
@@ -180,8 +238,9 @@ def test_mask_rcnn_labels_carry_rle_masks(ray_cluster, mask_run, small_prepared,
         assert np.array_equal(decoded, mask)
 
 
-def test_model_uri_from_a_local_registry(ray_cluster, faster_run, folder, folder_labels, threshold, tmp_path,
-                                         monkeypatch, capsys):
+def test_model_uri_from_a_local_registry(
+    ray_cluster, faster_run, folder, folder_labels, threshold, tmp_path, monkeypatch, capsys
+):
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
@@ -194,8 +253,9 @@ def test_model_uri_from_a_local_registry(ray_cluster, faster_run, folder, folder
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts under ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     trained = from_checkpoint(faster_run / "checkpoint.pt", None, [], "teacher")
-    cfg = trained.cfg.with_overrides({"tracking.enabled": True, "tracking.uri": uri,
-                                      "tracking.registered_model_name": "label-test"})
+    cfg = trained.cfg.with_overrides(
+        {"tracking.enabled": True, "tracking.uri": uri, "tracking.registered_model_name": "label-test"}
+    )
     _, teacher = build_student_teacher(cfg, len(trained.categories), torch.device("cpu"))
     teacher.load_state_dict(trained.state)
     tracker = Tracker(cfg, faster_run, run_name="registered")
@@ -203,8 +263,19 @@ def test_model_uri_from_a_local_registry(ray_cluster, faster_run, folder, folder
     tracker.finish({"steps": 2, "thresholds": {c["name"]: 0.05 for c in trained.categories}}, teacher)
 
     out = tmp_path / "from_registry"
-    code, _, _ = _label(capsys, "--model-uri", "models:/label-test/1", "--images", str(folder), "--out", str(out),
-                        "--threshold", str(threshold), "--review", "3")
+    code, _, _ = _label(
+        capsys,
+        "--model-uri",
+        "models:/label-test/1",
+        "--images",
+        str(folder),
+        "--out",
+        str(out),
+        "--threshold",
+        str(threshold),
+        "--review",
+        "3",
+    )
     assert code == 0
     labels, report, _ = _read(out)
     reference, _, _ = _read(folder_labels)
@@ -215,44 +286,87 @@ def test_model_uri_from_a_local_registry(ray_cluster, faster_run, folder, folder
     assert boxes(labels) == boxes(reference) and report["model"] == "models:/label-test/1"
     # the bundle's config tracks: the label run and its review grids are in the same store
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
-                              "attributes.run_name = 'label-from_registry'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        "attributes.run_name = 'label-from_registry'",
+    )
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "review")] == ["review/grid_00.png"]
     assert runs[0].data.metrics["final/images_read"] == 5
     mlflow.set_tracking_uri(None)
-    code, _, err = _label(capsys, "--model-uri", "models:/label-test/1", "--model", "student", "--images",
-                          str(folder), "--out", str(out))
+    code, _, err = _label(
+        capsys, "--model-uri", "models:/label-test/1", "--model", "student", "--images", str(folder), "--out", str(out)
+    )
     assert code == 2 and "teacher only" in err
 
 
-def test_round_trip_train_label_prepare_train(ray_cluster, faster_run, small_prepared, coco, threshold, tmp_path,
-                                               capsys):
+def test_round_trip_train_label_prepare_train(
+    ray_cluster, faster_run, small_prepared, coco, threshold, tmp_path, capsys
+):
     out = tmp_path / "round"
-    assert _label(capsys, "--checkpoint", str(faster_run), "--prepared", str(small_prepared), "--out", str(out),
-                  "--threshold", str(threshold), "--review", "0")[0] == 0
+    assert (
+        _label(
+            capsys,
+            "--checkpoint",
+            str(faster_run),
+            "--prepared",
+            str(small_prepared),
+            "--out",
+            str(out),
+            "--threshold",
+            str(threshold),
+            "--review",
+            "0",
+        )[0]
+        == 0
+    )
     labels = json.loads((out / "labels.json").read_text())
     with_boxes = {a["image_id"] for a in labels["annotations"]}
     assert with_boxes, "the teacher kept no box: nothing to train on"
     second = tmp_path / "prepared2"
-    report = prepare(out / "labels.json", coco / "train" / "images", 50, 0, second,
-                     val_annotations=coco / "val" / "annotations.json", val_images=coco / "val" / "images")
+    report = prepare(
+        out / "labels.json",
+        coco / "train" / "images",
+        50,
+        0,
+        second,
+        val_annotations=coco / "val" / "annotations.json",
+        val_images=coco / "val" / "images",
+    )
     val = json.loads((coco / "val" / "annotations.json").read_text())["annotations"]
     assert report["annotations_kept"] == len(labels["annotations"]) + len(val)  # every label box survives cleaning
     assert report["labeled"] == max(1, round(len(with_boxes) / 2))
     assert report["labeled"] + report["unlabeled"] == len(labels["images"])
-    metrics = train_local(tiny_config(second, tmp_path / "run2", "train.backend=local", "train.steps=2",
-                                      "ssl.burn_in_steps=1", "data.eval_images=2"))
+    metrics = train_local(
+        tiny_config(
+            second,
+            tmp_path / "run2",
+            "train.backend=local",
+            "train.steps=2",
+            "ssl.burn_in_steps=1",
+            "data.eval_images=2",
+        )
+    )
     assert metrics["steps"] == 2 and metrics["pseudo_labeled_images"] > 0
 
 
 def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, faster_run, folder):
-    code, _, err = _label(capsys, "--checkpoint", str(tmp_path / "nope.pt"), "--images", str(folder), "--out",
-                          str(tmp_path / "o"))
+    code, _, err = _label(
+        capsys, "--checkpoint", str(tmp_path / "nope.pt"), "--images", str(folder), "--out", str(tmp_path / "o")
+    )
     assert code == 2 and "nope.pt" in err and err.count("\n") == 1
     lonely = tmp_path / "lonely.pt"
     shutil.copy(faster_run / "checkpoint.pt", lonely)
     code, _, err = _label(capsys, "--checkpoint", str(lonely), "--images", str(folder), "--out", str(tmp_path / "o"))
     assert code == 2 and "config.yaml" in err and "--config" in err
-    code, _, err = _label(capsys, "--checkpoint", str(faster_run), "--images", str(folder), "--out", str(tmp_path / "o"),
-                          "--threshold", "1.5")
+    code, _, err = _label(
+        capsys,
+        "--checkpoint",
+        str(faster_run),
+        "--images",
+        str(folder),
+        "--out",
+        str(tmp_path / "o"),
+        "--threshold",
+        "1.5",
+    )
     assert code == 2 and "--threshold" in err

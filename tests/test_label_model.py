@@ -1,4 +1,5 @@
 """Which threshold `ssod label` applies, and where a checkpoint's run is found; no Ray."""
+
 from __future__ import annotations
 
 import pytest

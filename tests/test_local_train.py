@@ -1,11 +1,12 @@
 """The local runner end to end: burn-in, mutual learning, metrics.json, checkpoints, evaluate, resume."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import PRETRAINED, ROOT, tiny_config
+
 from pipeline.errors import InputError
 from pipeline.local import train_local
 from pipeline.loop import print_sink
@@ -57,27 +58,75 @@ def test_unsup_weight_zero_is_the_supervised_baseline(prepared, tmp_path):
 def test_cli_train_prints_run_dir_last_and_evaluate_prints_json(prepared, tmp_path):
     out = tmp_path / "cli"
     args = [sys.executable, "-m", "pipeline.cli"]
-    common = ["--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"data.prepared={prepared}",
-              "--set", "model.min_size=[128]", "--set", "model.rois_per_image=32", "--set", "data.eval_images=4",
-              "--set", "tracking.enabled=false"]
-    done = subprocess.run(args + ["train", *common, "--set", "train.backend=local", "--set", "train.steps=3",
-                                  "--set", "ssl.burn_in_steps=2", "--output", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    common = [
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--set",
+        f"data.prepared={prepared}",
+        "--set",
+        "model.min_size=[128]",
+        "--set",
+        "model.rois_per_image=32",
+        "--set",
+        "data.eval_images=4",
+        "--set",
+        "tracking.enabled=false",
+    ]
+    done = subprocess.run(
+        args
+        + [
+            "train",
+            *common,
+            "--set",
+            "train.backend=local",
+            "--set",
+            "train.steps=3",
+            "--set",
+            "ssl.burn_in_steps=2",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(out.resolve())
-    evaluated = subprocess.run(args + ["evaluate", *common, "--checkpoint", str(out / "checkpoint.pt")],
-                               capture_output=True, text=True, cwd=ROOT, timeout=300)
+    evaluated = subprocess.run(
+        args + ["evaluate", *common, "--checkpoint", str(out / "checkpoint.pt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert "AP50" in json.loads(evaluated.stdout)["bbox"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--set", "ssl.unknown=1"], "ssl.unknown"),
-    (["train", "--set", "ssl.score_threshold=1.5"], "ssl.score_threshold"),
-    (["train", "--set", "model.weights_path=/nonexistent/w.pt", "--set", "train.backend=local"], "w.pt"),
-    (["evaluate", "--checkpoint", "/nonexistent/c.pt"], "c.pt"),
-    (["prepare", "--annotations", "/nonexistent/a.json", "--images", "/tmp", "--percent", "1", "--out", "/tmp/x"], "a.json"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--set", "ssl.unknown=1"], "ssl.unknown"),
+        (["train", "--set", "ssl.score_threshold=1.5"], "ssl.score_threshold"),
+        (["train", "--set", "model.weights_path=/nonexistent/w.pt", "--set", "train.backend=local"], "w.pt"),
+        (["evaluate", "--checkpoint", "/nonexistent/c.pt"], "c.pt"),
+        (
+            [
+                "prepare",
+                "--annotations",
+                "/nonexistent/a.json",
+                "--images",
+                "/tmp",
+                "--percent",
+                "1",
+                "--out",
+                "/tmp/x",
+            ],
+            "a.json",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(prepared, argv, message):
     args = [sys.executable, "-m", "pipeline.cli", *argv]
     if argv[0] != "prepare":
@@ -92,16 +141,37 @@ def test_mask_rcnn_refuses_a_set_without_segmentations(tmp_path, backend):
     coco = tmp_path / "coco"
     generate(coco, 30, seed=1)  # boxes only
     prepared = tmp_path / "prepared"
-    prepare(coco / "train" / "annotations.json", coco / "train" / "images", 50, 0, prepared,
-            val_annotations=coco / "val" / "annotations.json", val_images=coco / "val" / "images")
+    prepare(
+        coco / "train" / "annotations.json",
+        coco / "train" / "images",
+        50,
+        0,
+        prepared,
+        val_annotations=coco / "val" / "annotations.json",
+        val_images=coco / "val" / "images",
+    )
     cfg = tiny_config(prepared, tmp_path / "run", "model.arch=mask_rcnn", f"train.backend={backend}")
     with pytest.raises(InputError, match="have no segmentation; model.arch=mask_rcnn"):
         train(cfg)
 
 
 def test_console_log_keeps_unsupervised_losses_and_ap(capsys):
-    print_sink(10, {"sup/loss_classifier": 0.5, "unsup/loss_objectness": 0.25, "teacher/bbox/AP": 12.0,
-                    "teacher/bbox/APs": 1.0, "pseudo_share/circle": 0.9, "lr": 0.01})
+    print_sink(
+        10,
+        {
+            "sup/loss_classifier": 0.5,
+            "unsup/loss_objectness": 0.25,
+            "teacher/bbox/AP": 12.0,
+            "teacher/bbox/APs": 1.0,
+            "pseudo_share/circle": 0.9,
+            "lr": 0.01,
+        },
+    )
     shown = json.loads(capsys.readouterr().out)
-    assert shown == {"step": 10, "sup/loss_classifier": 0.5, "unsup/loss_objectness": 0.25, "teacher/bbox/AP": 12.0,
-                     "lr": 0.01}
+    assert shown == {
+        "step": 10,
+        "sup/loss_classifier": 0.5,
+        "unsup/loss_objectness": 0.25,
+        "teacher/bbox/AP": 12.0,
+        "lr": 0.01,
+    }

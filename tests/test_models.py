@@ -1,4 +1,5 @@
 """The algorithm's pieces, without Ray: focal loss, EMA, pseudo-labels, the step, augmentation, weights."""
+
 import math
 
 import pytest
@@ -26,7 +27,9 @@ def test_focal_loss_matches_hand_computation():
 
 def test_focal_loss_at_gamma_zero_is_cross_entropy():
     logits, labels = torch.randn(20, 5), torch.randint(0, 5, (20,))
-    assert softmax_focal_loss(logits, labels, 0.0).item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert softmax_focal_loss(logits, labels, 0.0).item() == pytest.approx(
+        F.cross_entropy(logits, labels).item(), rel=1e-5
+    )
 
 
 def test_focal_loss_down_weights_easy_examples():
@@ -73,8 +76,12 @@ def test_teacher_schedule_copies_at_burn_in_end_then_refreshes_every_interval():
 
 
 def test_thresholding_keeps_only_confident_boxes_and_binarises_masks():
-    out = {"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5], [2, 2, 6, 6]]), "labels": torch.tensor([1, 2, 3]),
-           "scores": torch.tensor([0.9, 0.7, 0.69]), "masks": torch.tensor([0.2, 0.6, 0.9]).view(3, 1, 1, 1).expand(3, 1, 2, 2)}
+    out = {
+        "boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5], [2, 2, 6, 6]]),
+        "labels": torch.tensor([1, 2, 3]),
+        "scores": torch.tensor([0.9, 0.7, 0.69]),
+        "masks": torch.tensor([0.2, 0.6, 0.9]).view(3, 1, 1, 1).expand(3, 1, 2, 2),
+    }
     kept = filter_detections(out, 0.7)
     assert kept["labels"].tolist() == [1, 2]
     assert kept["masks"].shape == (2, 2, 2) and kept["masks"].dtype == torch.uint8
@@ -87,11 +94,14 @@ def _images(n, size=(96, 112)):
 
 
 def _target(boxes, labels, masks_hw=None):
-    t = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64)}
+    t = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
     if masks_hw:
         m = torch.zeros(len(labels), *masks_hw, dtype=torch.uint8)
         for i, b in enumerate(t["boxes"].int().tolist()):
-            m[i, b[1]:b[3], b[0]:b[2]] = 1
+            m[i, b[1] : b[3], b[0] : b[2]] = 1
         t["masks"] = m
     return t
 

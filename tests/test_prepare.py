@@ -1,4 +1,5 @@
 """`ssod prepare` on small real COCO sets written to tmp_path: split, Parquet round trip, bad input."""
+
 from __future__ import annotations
 
 import io

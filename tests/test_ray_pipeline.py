@@ -1,17 +1,28 @@
 """The distributed pipeline on a real local Ray: 2 DDP train workers, 2 labeler actors, resume, refusal."""
+
 import json
 
 import pytest
-
 from conftest import PRETRAINED, tiny_config
+
 from pipeline.errors import InputError
 from pipeline.local import train_local
 from pipeline.ray_train import train_ray
 from pipeline.resources import plan_resources, start_ray
 
-RAY_SETTINGS = ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.num_labelers=2", "ray.cpus_per_labeler=0.25",
-                "ray.labeler_batch_size=1", "ssl.sync_interval=2", "ssl.max_staleness=6", "train.steps=14",
-                "train.eval_period=7", "train.checkpoint_period=7", "train.batch_size_unlabeled=1"]
+RAY_SETTINGS = [
+    "ray.num_workers=2",
+    "ray.cpus_per_worker=0.5",
+    "ray.num_labelers=2",
+    "ray.cpus_per_labeler=0.25",
+    "ray.labeler_batch_size=1",
+    "ssl.sync_interval=2",
+    "ssl.max_staleness=6",
+    "train.steps=14",
+    "train.eval_period=7",
+    "train.checkpoint_period=7",
+    "train.batch_size_unlabeled=1",
+]
 
 
 @pytest.mark.slow

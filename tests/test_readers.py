@@ -1,4 +1,5 @@
 """Ray Data readers against a real local Ray: prepared Parquet splits and raw image folders."""
+
 from __future__ import annotations
 
 import io
@@ -15,7 +16,6 @@ from pipeline import schema
 from pipeline.errors import InputError
 from pipeline.prepare import prepare
 from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
-
 
 pytestmark = pytest.mark.slow  # a real local Ray
 

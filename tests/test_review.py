@@ -1,4 +1,5 @@
 """The review ranking rule and the streaming COCO writer, without Ray."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,12 @@ def test_queue_ranks_by_share_then_low_mean_and_draws_only_the_top():
     queue, drawn = ReviewQueue(pictured=2, listed=3), []
     cases = {1: (0.2, 0.9), 2: (0.8, 0.6), 3: (0.8, 0.5), 4: (0.0, 1.0), 5: (0.5, 0.7)}
     for image_id, (share, mean) in cases.items():
-        queue.offer(image_id, Uncertainty(share, mean, 4), {"file_name": f"{image_id}.png"}, lambda i=image_id: drawn.append(i) or i)
+        queue.offer(
+            image_id,
+            Uncertainty(share, mean, 4),
+            {"file_name": f"{image_id}.png"},
+            lambda i=image_id: drawn.append(i) or i,
+        )
     assert [r["image_id"] for r in queue.ranked()] == [3, 2, 5]  # equal shares: the lower mean score first
     assert [r["rank"] for r in queue.ranked()] == [1, 2, 3]
     assert [picture for _, picture in queue.pictures()] == [3, 2]
@@ -40,7 +46,11 @@ def test_queue_ranks_by_share_then_low_mean_and_draws_only_the_top():
 
 def test_grids_hold_the_pictures_in_review_order(tmp_path):
     image = torch.zeros(3, 40, 60, dtype=torch.uint8)
-    target = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.7])}
+    target = {
+        "boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]),
+        "labels": torch.tensor([1]),
+        "scores": torch.tensor([0.7]),
+    }
     paths = write_grids([({}, (image, target))] * 9, {1: "cat"}, tmp_path / "review")
     assert [p.name for p in paths] == ["grid_00.png", "grid_01.png"]  # 8 per grid
     assert Image.open(paths[0]).size == (4 * 60 + 5 * 2, 2 * 40 + 3 * 2)
@@ -61,6 +71,7 @@ def test_coco_writer_streams_a_loadable_file(tmp_path):
     first, second = (coco.anns[i] for i in (1, 2))
     assert first["bbox"] == [3.0, 2.0, 9.0, 8.0] and first["area"] == 8 * 9 and first["score"] == 0.9
     assert np.array_equal(coco.annToMask(second), masks[1].numpy())
-    assert second["area"] == float(mask_utils.area({**second["segmentation"],
-                                                    "counts": second["segmentation"]["counts"].encode()}))
+    assert second["area"] == float(
+        mask_utils.area({**second["segmentation"], "counts": second["segmentation"]["counts"].encode()})
+    )
     assert json.loads((tmp_path / "labels.json").read_text())["info"] == {"description": "test"}

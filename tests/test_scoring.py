@@ -22,8 +22,7 @@ def _gt(boxes: list[tuple[int, int, list[float]]], cats=(("a", 1),), n_images: i
     return {
         "images": [{"id": i, "width": 100, "height": 100} for i in range(1, n_images + 1)],
         "annotations": [
-            {"id": j, "image_id": img, "category_id": cat, "bbox": box,
-             "area": box[2] * box[3], "iscrowd": 0}
+            {"id": j, "image_id": img, "category_id": cat, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
             for j, (img, cat, box) in enumerate(boxes, start=1)
         ],
         "categories": [{"id": cid, "name": name} for name, cid in cats],
@@ -108,27 +107,43 @@ def test_gt_from_path_and_detections_outside_gt_ignored(tmp_path):
 
 def _square_mask(top: int, left: int, size: int, hw: int = 64) -> np.ndarray:
     m = np.zeros((hw, hw), dtype=np.uint8)
-    m[top:top + size, left:left + size] = 1
+    m[top : top + size, left : left + size] = 1
     return m
 
 
 def test_segm_perfect_masks_through_to_coco_results():
     masks = [_square_mask(4, 6, 40), _square_mask(20, 10, 36)]
-    gt = {"images": [{"id": 1, "width": 64, "height": 64}, {"id": 2, "width": 64, "height": 64}],
-          "annotations": [], "categories": [{"id": 7, "name": "thing"}]}
+    gt = {
+        "images": [{"id": 1, "width": 64, "height": 64}, {"id": 2, "width": 64, "height": 64}],
+        "annotations": [],
+        "categories": [{"id": 7, "name": "thing"}],
+    }
     outputs = []
     for img_id, m in enumerate(masks, start=1):
         rle = mask_utils.encode(np.asfortranarray(m))
         rle["counts"] = rle["counts"].decode("utf-8")
         x, y, w, h = mask_utils.toBbox(rle).tolist()
-        gt["annotations"].append({"id": img_id, "image_id": img_id, "category_id": 7,
-                                  "bbox": [x, y, w, h], "area": float(m.sum()),
-                                  "iscrowd": 0, "segmentation": rle})
+        gt["annotations"].append(
+            {
+                "id": img_id,
+                "image_id": img_id,
+                "category_id": 7,
+                "bbox": [x, y, w, h],
+                "area": float(m.sum()),
+                "iscrowd": 0,
+                "segmentation": rle,
+            }
+        )
         # soft probabilities: 0.9 inside the object, 0.2 outside
         prob = torch.from_numpy(m).float() * 0.7 + 0.2
-        outputs.append({"boxes": torch.tensor([[x, y, x + w, y + h]]),
-                        "scores": torch.tensor([0.95]), "labels": torch.tensor([1]),
-                        "masks": prob[None, None]})
+        outputs.append(
+            {
+                "boxes": torch.tensor([[x, y, x + w, y + h]]),
+                "scores": torch.tensor([0.95]),
+                "labels": torch.tensor([1]),
+                "masks": prob[None, None],
+            }
+        )
     dets = to_coco_results([1, 2], outputs, {1: 7})
     assert isinstance(dets[0]["segmentation"]["counts"], str)
     res = score_coco(gt, dets, iou_types=("bbox", "segm"))
@@ -142,10 +157,12 @@ def test_segm_perfect_masks_through_to_coco_results():
 
 def test_to_coco_results_maps_labels_and_converts_boxes():
     outputs = [
-        {"boxes": torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 1.5, 2.5]]),
-         "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([1, 2])},
-        {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0),
-         "labels": torch.zeros(0, dtype=torch.int64)},
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 1.5, 2.5]]),
+            "scores": torch.tensor([0.9, 0.3]),
+            "labels": torch.tensor([1, 2]),
+        },
+        {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)},
     ]
     dets = to_coco_results([5, 6], outputs, {1: 18, 2: 44})
     assert len(dets) == 2
@@ -159,7 +176,8 @@ def test_to_coco_results_maps_labels_and_converts_boxes():
 
 
 def test_to_coco_results_rejects_unknown_label():
-    outputs = [{"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "scores": torch.tensor([0.5]),
-                "labels": torch.tensor([3])}]
+    outputs = [
+        {"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([3])}
+    ]
     with pytest.raises(ValueError):
         to_coco_results([1], outputs, {1: 1})

@@ -1,10 +1,11 @@
 """The pieces between labelers and trainers, without Ray: fresh rows, the credit gate, the weight store, the plan."""
+
 import asyncio
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.labeler import credit_window
@@ -15,9 +16,12 @@ from pipeline.weights import NO_VERSION, WeightStore
 
 def _batches(versions: list[int], size: int = 2):
     for start in range(0, len(versions), size):
-        chunk = versions[start:start + size]
-        yield {"image_id": np.arange(start, start + len(chunk)), "teacher_version": np.array(chunk),
-               "label_seconds": np.full(len(chunk), 0.5)}
+        chunk = versions[start : start + size]
+        yield {
+            "image_id": np.arange(start, start + len(chunk)),
+            "teacher_version": np.array(chunk),
+            "label_seconds": np.full(len(chunk), 0.5),
+        }
 
 
 def test_fresh_rows_drop_stale_rows_count_them_and_report_a_dry_stream():
@@ -50,9 +54,17 @@ def test_a_restarted_worker_group_starts_with_fresh_credit_and_no_teacher():
 
 
 def test_credit_window_covers_what_is_in_flight_and_the_staleness_budget():
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["ray.labeler_batch_size=2", "ray.num_labelers=1",
-                                                      "ray.num_workers=1", "ssl.max_staleness=20",
-                                                      "ssl.sync_interval=4", "train.batch_size_unlabeled=2"])
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            "ray.labeler_batch_size=2",
+            "ray.num_labelers=1",
+            "ray.num_workers=1",
+            "ssl.max_staleness=20",
+            "ssl.sync_interval=4",
+            "train.batch_size_unlabeled=2",
+        ],
+    )
     assert credit_window(cfg) == max(2 * (1 + 1 + 2), (20 - 4) * 2)
 
 

@@ -1,4 +1,5 @@
 """`pipeline.synth.generate`: deterministic, long-tailed, valid COCO output with optional polygons."""
+
 import json
 from collections import Counter
 from pathlib import Path

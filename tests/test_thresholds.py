@@ -1,10 +1,11 @@
 """Per-class adaptive thresholds (`ssl.score_threshold: auto`): the fit, the floor, checkpoints, the local run."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from models.pseudo_labels import filter_detections
 from models.thresholds import AdaptiveThresholds, two_gaussian_split
 from pipeline.local import train_local
@@ -12,7 +13,9 @@ from pipeline.local import train_local
 
 def _two_modes(low: float, high: float, n: int = 400, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([low + 0.05 * torch.randn(n, generator=g), high + 0.03 * torch.randn(n // 4, generator=g)]).clamp(0.01, 1)
+    return torch.cat([low + 0.05 * torch.randn(n, generator=g), high + 0.03 * torch.randn(n // 4, generator=g)]).clamp(
+        0.01, 1
+    )
 
 
 def test_two_clear_modes_per_class_give_a_threshold_between_them():
@@ -40,8 +43,15 @@ def test_per_class_thresholds_filter_by_label():
 
 
 def test_thresholds_survive_a_checkpoint_round_trip(prepared, tmp_path):
-    cfg = tiny_config(prepared, tmp_path / "auto", "train.backend=local", "ssl.score_threshold=auto",
-                      "ssl.threshold_refit_interval=2", "ssl.threshold_floor=0.05", "train.steps=6")
+    cfg = tiny_config(
+        prepared,
+        tmp_path / "auto",
+        "train.backend=local",
+        "ssl.score_threshold=auto",
+        "ssl.threshold_refit_interval=2",
+        "ssl.threshold_floor=0.05",
+        "train.steps=6",
+    )
     first = train_local(cfg)
     written = json.loads((tmp_path / "auto" / "metrics.json").read_text())
     assert set(written["thresholds"]) == set(written["labeled_class_histogram"])

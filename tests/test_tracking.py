@@ -1,4 +1,5 @@
 """MLflow tracking against a real sqlite store in a temp dir, read back with MlflowClient."""
+
 import json
 import math
 from pathlib import Path
@@ -33,8 +34,12 @@ def _config(tmp: Path, uri: str | None) -> Config:
 def _pseudo_labels() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     masks = torch.zeros(2, 64, 80, dtype=torch.uint8)
     masks[0, 5:30, 5:40], masks[1, 35:60, 40:75] = 1, 1
-    full = {"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0], [40.0, 35.0, 75.0, 60.0]]),
-            "labels": torch.tensor([1, 3]), "scores": torch.tensor([0.91, 0.78]), "masks": masks}
+    full = {
+        "boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0], [40.0, 35.0, 75.0, 60.0]]),
+        "labels": torch.tensor([1, 3]),
+        "scores": torch.tensor([0.91, 0.78]),
+        "masks": masks,
+    }
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     return [torch.rand(3, 64, 80), torch.rand(3, 48, 48)], [full, empty]
 
@@ -44,11 +49,17 @@ def _final_metrics() -> dict:
         per_class = {"cat": base, "dog": None, "bird": 1.0}
         return {"bbox": {"AP": base, "AP50": base * 2, "APs": None, "per_class": per_class}}
 
-    return {"teacher": ap(12.5), "student": ap(10.0), "steps": 30, "skipped_steps": 0,
-            "pseudo_labels_per_image": 1.5, "pseudo_label_precision": None,
-            "pseudo_label_class_counts": {"cat": 10, "dog": 0, "bird": 5},
-            "labeled_class_histogram": {"cat": 4, "dog": 4, "bird": 2},
-            "history": [{"step": 30, "teacher_AP": 12.5, "student_AP": 10.0}]}
+    return {
+        "teacher": ap(12.5),
+        "student": ap(10.0),
+        "steps": 30,
+        "skipped_steps": 0,
+        "pseudo_labels_per_image": 1.5,
+        "pseudo_label_precision": None,
+        "pseudo_label_class_counts": {"cat": 10, "dog": 0, "bird": 5},
+        "labeled_class_histogram": {"cat": 4, "dog": 4, "bird": 2},
+        "history": [{"step": 30, "teacher_AP": 12.5, "student_AP": 10.0}],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +79,9 @@ def store(tmp_path_factory):
             tracker(step, {"loss/total": 1.0 / step, "lr": 0.01, "nan": math.nan, "none": None, "text": "x"})
         images, targets = _pseudo_labels()
         tracker.log_pseudo_label_grid(20, images, targets, NAMES)
-        tracker.log_score_histograms(20, {"cat": [0.1, 0.2, 0.9], "dog": [0.4], "bird": []},
-                                     {"cat": 0.6, "dog": 0.5, "bird": 0.5})
+        tracker.log_score_histograms(
+            20, {"cat": [0.1, 0.2, 0.9], "dog": [0.4], "bird": []}, {"cat": 0.6, "dog": 0.5, "bird": 0.5}
+        )
         torch.manual_seed(0)
         tracker.finish(_final_metrics(), build_detector(3, backbone="tiny", min_size=(96,)))
         assert tracker.run_id is None
@@ -114,8 +126,15 @@ def test_run_has_params_metrics_and_tags(store):
 def test_run_artifacts(store):
     client, run_id = store["client"], store["run_id"]
     artifacts = set(_artifacts(client, run_id))
-    assert {"config.yaml", "split.json", "metrics.json", "pseudo_labels/step_000020.png", "score_histograms/step_000020.png",
-            "plots/per_class_ap_bbox.png", "plots/pseudo_label_distribution.png"} <= artifacts
+    assert {
+        "config.yaml",
+        "split.json",
+        "metrics.json",
+        "pseudo_labels/step_000020.png",
+        "score_histograms/step_000020.png",
+        "plots/per_class_ap_bbox.png",
+        "plots/pseudo_label_distribution.png",
+    } <= artifacts
     local = Path(client.download_artifacts(run_id, "metrics.json", str(store["tmp"])))
     assert json.loads(local.read_text())["teacher"]["bbox"]["per_class"]["dog"] is None
     grid = mlflow.artifacts.load_image(f"runs:/{run_id}/pseudo_labels/step_000020.png")

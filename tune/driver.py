@@ -4,6 +4,7 @@ Under Ray Train V2 Tune runs a function that builds and fits the trainer (`Tuner
 `TuneReportCallback` forwards the trainer's reports to Tune. A trial itself holds no CPU, or it would
 block its own train workers; its trainer's resources are what `ray.*` plans.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,16 +49,29 @@ def run_search(cfg: Config, samples: int, max_concurrent: int, output: str | Pat
     writable_dir(output, "--output")
     start_ray(cfg, plan_resources(cfg).times(max_concurrent))  # concurrent trials must all fit
     parent = Tracker(cfg, output, run_name=f"search-{output.name}", tags={"ssod.search": "true"})
-    param_space = {**to_tune_space(cfg.tune.space), "base": cfg.model_dump(), "output": str(output),
-                   "parent_run_id": parent.start()}
-    scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps, grace_period=cfg.tune.grace_period,
-                              reduction_factor=cfg.tune.reduction_factor)
+    param_space = {
+        **to_tune_space(cfg.tune.space),
+        "base": cfg.model_dump(),
+        "output": str(output),
+        "parent_run_id": parent.start(),
+    }
+    scheduler = ASHAScheduler(
+        time_attr="step",
+        max_t=cfg.train.steps,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+    )
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}),
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=samples,
-                                    max_concurrent_trials=max_concurrent, scheduler=scheduler,
-                                    search_alg=_search_alg(cfg, max_concurrent)),
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+            num_samples=samples,
+            max_concurrent_trials=max_concurrent,
+            scheduler=scheduler,
+            search_alg=_search_alg(cfg, max_concurrent),
+        ),
         run_config=tune.RunConfig(name="search", storage_path=str(output / "tune")),
     )
     results = tuner.fit()
@@ -66,8 +80,13 @@ def run_search(cfg: Config, samples: int, max_concurrent: int, output: str | Pat
     best_cfg = cfg.with_overrides({**best_overrides, "train.output_dir": str(output / "best_run")})
     best_path = output / "best_config.yaml"
     dump_config(best_cfg, best_path)
-    summary = {"trials": len(results), "best": best_overrides, "best_metric": best.metrics.get(cfg.tune.metric),
-               "best_config": str(best_path), "errors": sum(1 for r in results if r.error)}
+    summary = {
+        "trials": len(results),
+        "best": best_overrides,
+        "best_metric": best.metrics.get(cfg.tune.metric),
+        "best_config": str(best_path),
+        "errors": sum(1 for r in results if r.error),
+    }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     parent.log_artifact(best_path)
     parent.finish({"best_" + cfg.tune.metric: summary["best_metric"], "trials": summary["trials"]}, teacher=None)

@@ -1,11 +1,11 @@
 """Search spaces over the SSL parameters (and the learning rate), from the config's `tune.space`."""
+
 from __future__ import annotations
 
 from typing import Any
 
-from ray import tune
-
 from pydantic import ValidationError
+from ray import tune
 
 from pipeline.config import Config, SearchDim
 from pipeline.errors import InputError
