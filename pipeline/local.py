@@ -9,9 +9,10 @@ from models.pseudo_labels import filter_detections, teacher_detections
 from models.unbiased_teacher import Batch
 from pipeline.augment import strong_view, to_float, to_model_target, weak_transform
 from pipeline.config import Config
+from pipeline.console import print_sink
 from pipeline.data import DECODE_FAILURES, decode_row, infinite_indices
 from pipeline.errors import InputError
-from pipeline.loop import TrainingRun, print_sink
+from pipeline.loop import TrainingRun
 from pipeline.preflight import RunInputs, check_run
 from pipeline.schema import LABELED_DIR, UNLABELED_DIR
 from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint

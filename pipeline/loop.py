@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -45,40 +45,8 @@ from pipeline.session import (
 
 MetricsSink = Callable[[int, dict[str, float]], None]
 
-
-class Feed(Protocol):
-    """What a runner plugs into `TrainingRun.run`."""
-
-    def labeled_batch(self) -> Batch:
-        """Labeled images in both views."""
-
-    def pseudo_batch(self, run: "TrainingRun") -> Batch | None:
-        """Strong views with the teacher's kept boxes (built with `run.pseudo_batch`); None: the stream ran dry."""
-
-    def after_step(self, run: "TrainingRun") -> None:
-        """E.g. publish the refreshed teacher to labeler actors."""
-
-    def any_rank(self, flag: bool) -> bool:
-        """Whether any train worker says yes (so all stop together); the flag itself in one process."""
-
-    def checkpoint(self, run: "TrainingRun") -> None:
-        """Save `run.state()` (every rank calls it; Ray Train takes rank 0's)."""
-
-    def finish(self, run: "TrainingRun") -> dict[str, Any]:
-        """The last evaluation, checkpoint and metrics.json; returns the metrics."""
-
-
-CONSOLE_DETAIL = ("pseudo_share/", "/AP75", "/APs", "/APm", "/APl")  # per-class shares and per-size APs
-
-
-def print_sink(step: int, metrics: dict[str, float]) -> None:
-    """One JSON line per log: losses, AP/AP50 and pseudo-label scalars, without per-class and per-size detail."""
-    shown = {
-        k: round(v, 4)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not any(part in k for part in CONSOLE_DETAIL)
-    }
-    print(json.dumps({"step": step, **shown}), flush=True)
+if TYPE_CHECKING:
+    from pipeline.feed import Feed
 
 
 class TrainingRun:
@@ -125,7 +93,7 @@ class TrainingRun:
                 self.sinks.append(self.tracker)
         self._started, self._first_step = time.perf_counter(), 0
 
-    def run(self, feed: Feed) -> dict[str, Any]:
+    def run(self, feed: "Feed") -> dict[str, Any]:
         """pseudo-label -> step -> teacher refresh -> publish -> evaluate -> checkpoint, until the last step
         or `train.target_ap`."""
         train = self.cfg.train

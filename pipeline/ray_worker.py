@@ -22,8 +22,9 @@ import torch.distributed as dist
 from models.unbiased_teacher import Batch, all_ranks_agree
 from pipeline.augment import to_float
 from pipeline.config import Config
+from pipeline.console import print_sink
 from pipeline.labeler import batch_rows, decode_masks
-from pipeline.loop import TrainingRun, print_sink
+from pipeline.loop import TrainingRun
 from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
 from pipeline.streams import LABELED, UNLABELED
 from pipeline.weights import publish

@@ -7,9 +7,9 @@ import sys
 import pytest
 from conftest import PRETRAINED, ROOT, tiny_config
 
+from pipeline.console import print_sink
 from pipeline.errors import InputError
 from pipeline.local import train_local
-from pipeline.loop import print_sink
 from pipeline.prepare import prepare
 from pipeline.synth import generate
 from pipeline.train import evaluate_checkpoint, train
