@@ -65,8 +65,9 @@ def _check_labeled(prepared: Path, split: dict, num_classes: int) -> int:
         labels.update(label for row in table.column("labels").to_pylist() for label in row)
     if not ids:
         raise InputError(f"{directory}: the labeled split is empty (no rows in its shards); nothing to train on")
-    if labels - set(range(1, num_classes + 1)):
-        raise InputError(f"{directory}: labels {sorted(labels)[-1]} outside 1..{num_classes} of categories.json; "
+    outside = sorted(labels - set(range(1, num_classes + 1)))
+    if outside:
+        raise InputError(f"{directory}: label {outside[-1]} is outside 1..{num_classes} of categories.json; "
                          "run `ssod prepare` again")
     _same_ids(prepared, LABELED_DIR, split[LABELED_DIR], ids, complete=True)
     return len(ids)
