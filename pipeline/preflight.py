@@ -19,7 +19,7 @@ from pipeline.paths import writable_dir
 from pipeline.readers import load_categories, load_split
 from pipeline.schema import LABELED_DIR, SPLIT_FILE, UNLABELED_DIR, VAL_DIR
 from pipeline.session import build_student_teacher, load_checkpoint, load_part
-from pipeline.shards import READ_ERRORS, RowGroup, Skipped, read_group, row_groups, whole_tables
+from pipeline.shards import READ_ERRORS, RowGroup, Skipped, error_reason, read_group, row_groups, whole_tables
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _check_pool(prepared: Path, split: dict, cfg: Config, inputs: RunInputs) -> 
             ids += read_group(group, ["image_id"]).column("image_id").to_pylist()
             inputs.pool.append(group)
         except READ_ERRORS as exc:
-            inputs.skipped.add(group.name, group.rows, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            inputs.skipped.add(group.name, group.rows, error_reason(exc))
     folder = cfg.train.backend == "ray" and cfg.data.unlabeled_folder  # the local runner reads no folder
     if not inputs.pool_rows and not folder:
         damaged = " (every shard of it is corrupt)" if inputs.skipped.parts else ""

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from badinput import copy_prepared, damage_row_group, edit_json, error_of, first_shard
-from cocofix import ann, dataset, image_entry, save_image, write_coco
+from cocofix import ann, dataset, image_entry, save_image, truncate, write_coco
 
 from conftest import tiny_config
 from pipeline import schema
@@ -101,6 +101,8 @@ REFUSED = {  # case -> (damage to a copy of the prepared set, extra overrides, w
     "labeled_split_empty": (_delete_labeled_shards, [], "labeled: the labeled split is empty"),
     "unlabeled_shard_deleted": (lambda p: first_shard(p / "unlabeled").unlink(), [],
                                 "unlabeled: the unlabeled pool is empty"),
+    "unlabeled_shard_truncated": (lambda p: truncate(first_shard(p / "unlabeled")), [],
+                                  "unlabeled: the unlabeled pool is empty (every shard of it is corrupt)"),
     "corrupt_labeled_shard": (lambda p: damage_row_group(first_shard(p / "labeled")), [],
                               "labeled/part-00000.parquet: corrupt Parquet shard (row group 0"),
     "split_lists_ids_no_shard_holds": (
