@@ -118,14 +118,14 @@ class TeacherLabeler:
         self._refresh_weights()
         self.batches += 1
         started = time.perf_counter()
-        decodable, samples = self._decode(batch)
+        decoded, samples = self._decode(batch)
         images = [to_float(image).to(self.device) for image, _ in samples]
-        detections = teacher_detections(self.model, images)
+        detections = teacher_detections(self.model, images) if images else []  # a batch may not decode at all
         kept = [filter_detections(d, self.threshold) for d in detections]
         seconds = (time.perf_counter() - started) / max(len(samples), 1)
         return {
-            "image_id": batch["image_id"][decodable],
-            "file_name": batch["file_name"][decodable],
+            "image_id": batch["image_id"][decoded],
+            "file_name": batch["file_name"][decoded],
             "image": [image.numpy() for image, _ in samples],
             "pl_boxes": [_flat(k["boxes"].cpu()) for k in kept],
             "pl_labels": [k["labels"].cpu().numpy() for k in kept],
@@ -133,7 +133,7 @@ class TeacherLabeler:
             "pl_masks": [encode_masks(k["masks"]) if self.with_masks else [] for k in kept],
             "gt_boxes": [_flat(t["boxes"]) for _, t in samples],
             "gt_labels": [t["labels"].numpy() for _, t in samples],
-            "annotated": batch["annotated"][decodable],
+            "annotated": batch["annotated"][decoded],
             # every detection's score, before thresholding: what the trainer fits adaptive thresholds on
             "teacher_labels": [d["labels"].cpu().numpy() for d in detections],
             "teacher_scores": [d["scores"].cpu().numpy().astype(np.float32) for d in detections],
@@ -141,16 +141,16 @@ class TeacherLabeler:
             "label_seconds": np.full(len(samples), seconds, dtype=np.float64),
         }
 
-    def _decode(self, batch: Batch) -> tuple[list[int], list[tuple]]:
-        """Weak views of the rows that decode; the others are skipped and counted in the store."""
-        kept, samples = [], []
+    def _decode(self, batch: Batch) -> tuple[np.ndarray, list[tuple]]:
+        """Weak views of the rows that decode (and their indices); the others are skipped and counted in the store."""
+        decoded, samples = [], []
         for i, row in enumerate(batch_rows(batch)):
             try:
                 samples.append(self.weak(*decode_row(row)))
-                kept.append(i)
-            except DECODE_FAILURES:
-                self.store.skip.remote(f"image {row['image_id']}", 1, "undecodable image bytes")
-        return kept, samples
+                decoded.append(i)
+            except DECODE_FAILURES as exc:
+                self.store.skip.remote(f"image {row['image_id']}", 1, f"undecodable image ({type(exc).__name__})")
+        return np.asarray(decoded, dtype=np.int64), samples
 
 
 def add_strong_views(batch: Batch) -> Batch:

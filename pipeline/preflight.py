@@ -20,7 +20,7 @@ from pipeline.paths import writable_dir
 from pipeline.readers import load_categories, load_split
 from pipeline.schema import LABELED_DIR, SPLIT_FILE, UNLABELED_DIR, VAL_DIR
 from pipeline.session import build_student_teacher, load_checkpoint, load_part
-from pipeline.shards import READ_ERRORS, RowGroup, Skipped, read_group, row_groups, whole_tables
+from pipeline.shards import READ_ERRORS, RowGroup, Skipped, error_reason, read_group, row_groups, whole_tables
 
 
 @dataclass
@@ -66,10 +66,10 @@ def _check_labeled(prepared: Path, split: dict, num_classes: int) -> int:
         labels.update(label for row in table.column("labels").to_pylist() for label in row)
     if not ids:
         raise InputError(f"{directory}: the labeled split is empty (no rows in its shards); nothing to train on")
-    if labels - set(range(1, num_classes + 1)):
+    outside = sorted(labels - set(range(1, num_classes + 1)))
+    if outside:
         raise InputError(
-            f"{directory}: labels {sorted(labels)[-1]} outside 1..{num_classes} of categories.json; "
-            "run `ssod prepare` again"
+            f"{directory}: label {outside[-1]} is outside 1..{num_classes} of categories.json; run `ssod prepare` again"
         )
     _same_ids(prepared, LABELED_DIR, split[LABELED_DIR], ids, complete=True)
     return len(ids)
@@ -86,7 +86,7 @@ def _check_pool(prepared: Path, split: dict, cfg: Config, inputs: RunInputs) -> 
             ids += read_group(group, ["image_id"]).column("image_id").to_pylist()
             inputs.pool.append(group)
         except READ_ERRORS as exc:
-            inputs.skipped.add(group.name, group.rows, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            inputs.skipped.add(group.name, group.rows, error_reason(exc))
     folder = cfg.train.backend == "ray" and cfg.data.unlabeled_folder  # the local runner reads no folder
     if not inputs.pool_rows and not folder:
         damaged = " (every shard of it is corrupt)" if inputs.skipped.parts else ""

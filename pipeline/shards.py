@@ -53,7 +53,8 @@ def shard_files(split_dir: str | Path) -> list[Path]:
     return sorted(Path(split_dir).glob("*.parquet"))
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
+    """The first line of a read error: pyarrow's messages run over several."""
     lines = str(exc).strip().splitlines()
     return lines[0][:160] if lines else type(exc).__name__
 
@@ -69,7 +70,7 @@ def row_groups(split_dir: str | Path) -> tuple[list[RowGroup], dict[str, str]]:
             with pq.ParquetFile(path) as parquet:
                 schema, meta = parquet.schema_arrow, parquet.metadata
         except READ_ERRORS as exc:
-            unreadable[f"{path.parent.name}/{path.name}"] = _reason(exc)
+            unreadable[f"{path.parent.name}/{path.name}"] = error_reason(exc)
             continue
         missing = [f.name for f in ROW_SCHEMA if schema.get_field_index(f.name) < 0]
         if missing:
@@ -98,7 +99,7 @@ def whole_tables(split_dir: str | Path, columns: list[str] | None = None) -> Ite
             yield read_group(group, columns)
         except READ_ERRORS as exc:
             raise InputError(
-                f"{group.path}: corrupt Parquet shard (row group {group.index}: {_reason(exc)}); "
+                f"{group.path}: corrupt Parquet shard (row group {group.index}: {error_reason(exc)}); "
                 "run `ssod prepare` again"
             ) from None
 
@@ -115,5 +116,5 @@ def read_pool(groups: list[RowGroup], skipped: Skipped, columns: list[str] | Non
         try:
             rows += read_group(group, columns).to_pylist()
         except READ_ERRORS as exc:
-            skipped.add(group.name, group.rows, _reason(exc))
+            skipped.add(group.name, group.rows, error_reason(exc))
     return rows

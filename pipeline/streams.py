@@ -25,7 +25,7 @@ from pipeline.labeler import TeacherLabeler, add_strong_views, labeled_views
 from pipeline.preflight import RunInputs
 from pipeline.readers import read_image_folder, read_prepared
 from pipeline.resources import VIEW_TASK_CPUS, ResourcePlan, data_context
-from pipeline.shards import READ_ERRORS, RowGroup, read_group
+from pipeline.shards import READ_ERRORS, RowGroup, error_reason, read_group
 
 LABELED, UNLABELED = "labeled", "unlabeled"
 MAX_LABELED_PASSES = 64  # beyond this a long run re-executes the labeled stream per 64 passes
@@ -106,8 +106,7 @@ def _read_shard(batch: dict[str, np.ndarray], weights_store: str) -> Iterator[pa
             try:
                 yield read_group(group)
             except READ_ERRORS as exc:
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                ray.get_actor(weights_store).skip.remote(group.name, group.rows, reason)
+                ray.get_actor(weights_store).skip.remote(group.name, group.rows, error_reason(exc))
 
 
 def _unlabeled_stream(cfg: Config, inputs: RunInputs, weights_store: str) -> ray.data.Dataset:

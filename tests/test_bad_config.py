@@ -55,6 +55,10 @@ def test_empty_yaml_file_is_refused(tmp_path, text):
     assert error_of(load_config, path) == f"{path}: the config file is empty"
 
 
+def test_config_path_that_is_a_directory(tmp_path):
+    assert error_of(load_config, tmp_path).startswith(f"{tmp_path}: cannot read the config file")
+
+
 def test_tune_space_value_that_makes_an_invalid_config_is_refused_up_front():
     from tune.space import check_space
 

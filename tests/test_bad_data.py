@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from badinput import copy_prepared, damage_row_group, edit_json, error_of, first_shard
-from cocofix import ann, dataset, image_entry, save_image, write_coco
+from cocofix import ann, dataset, image_entry, save_image, truncate, write_coco
 from conftest import tiny_config
 
 from pipeline import schema
@@ -105,6 +105,11 @@ REFUSED = {  # case -> (damage to a copy of the prepared set, extra overrides, w
         [],
         "unlabeled: the unlabeled pool is empty",
     ),
+    "unlabeled_shard_truncated": (
+        lambda p: truncate(first_shard(p / "unlabeled")),
+        [],
+        "unlabeled: the unlabeled pool is empty (every shard of it is corrupt)",
+    ),
     "corrupt_labeled_shard": (
         lambda p: damage_row_group(first_shard(p / "labeled")),
         [],
@@ -130,6 +135,16 @@ REFUSED = {  # case -> (damage to a copy of the prepared set, extra overrides, w
         lambda p: _set_segmentation(p, '"garbage"'),
         ["model.arch=mask_rcnn"],
         "has a segmentation that is neither polygons nor an RLE",
+    ),
+    "labels_outside_categories": (
+        lambda p: edit_json(p / "categories.json", lambda c: c.pop()),
+        [],
+        "labeled: label 8 is outside 1..7 of categories.json",
+    ),
+    "shard_of_another_schema": (
+        lambda p: pq.write_table(pa.table({"image_id": [1]}), p / "labeled" / "x.parquet"),
+        [],
+        "x.parquet: not a shard of `ssod prepare` (no column file_name",
     ),
     "not_a_prepared_dir": (lambda p: (p / "split.json").unlink(), [], "data.prepared is not a prepared set"),
     "output_dir_is_a_file": (
