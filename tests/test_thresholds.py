@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -78,7 +79,7 @@ def test_published_thresholds_reach_the_labeler_with_the_weights(ray_cluster, pr
     ray_cluster.get(publish(store, 3, teacher, thresholds))
     labeler = TeacherLabeler(cfg.model_dump(), num_classes, "test-thresholds-store")
     rows = read_rows(prepared / UNLABELED_DIR)[:2]
-    out = labeler({key: [row[key] for row in rows] for key in rows[0]})
+    out = labeler({key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})  # as Ray Data
     assert labeler.threshold.tolist() == pytest.approx(thresholds) and out["teacher_version"].tolist() == [3, 3]
     assert sum(len(labels) for labels in out["teacher_labels"]) > 0, "the teacher detected nothing to threshold"
     for labels, scores, kept in zip(out["teacher_labels"], out["teacher_scores"], out["pl_labels"]):
