@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from pipeline.errors import InputError
@@ -180,6 +181,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    # MLflow announces the creation of a new sqlite store on stderr: a refused run would print more than its line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         COMMANDS[args.command](args)
     except InputError as exc:
