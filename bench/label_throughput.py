@@ -25,13 +25,13 @@ import ray
 import torch
 
 from models.pseudo_labels import pseudo_label
-from pipeline.augment import to_float
 from pipeline.config import Config, load_config
-from pipeline.data import decode_image_bytes
-from pipeline.label import LabelJob, label
-from pipeline.label_model import LabelModel
-from pipeline.readers import load_categories
-from pipeline.session import build_student_teacher, resolve_device
+from pipeline.data.augment import to_float
+from pipeline.data.readers import load_categories
+from pipeline.data.rows import decode_image_bytes
+from pipeline.labeling.label import LabelJob, label
+from pipeline.labeling.model import LabelModel
+from pipeline.training.session import build_student_teacher, resolve_device
 
 CORES = os.cpu_count() or 1
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, load_config
-from pipeline.local import train_local
-from pipeline.prepare import prepare
-from pipeline.session import CHECKPOINT_NAME
-from pipeline.synth import generate
+from pipeline.data.prepare import prepare
+from pipeline.data.synth import generate
+from pipeline.training.local import train_local
+from pipeline.training.session import CHECKPOINT_NAME
 
 
 def _dataset(root: Path, images: int) -> Path:

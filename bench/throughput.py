@@ -23,13 +23,13 @@ import torch
 
 from models.pseudo_labels import pseudo_label
 from models.unbiased_teacher import Batch, unbiased_teacher_step
-from pipeline.augment import to_float, weak_transform
 from pipeline.config import Config, load_config
-from pipeline.data import decode_row, read_rows
-from pipeline.labeler import TeacherLabeler
-from pipeline.readers import load_categories, read_prepared
-from pipeline.session import build_optimizer, build_student_teacher, labeled_batch, resolve_device, to_device
-from pipeline.weights import get_or_create_store, publish
+from pipeline.data.augment import to_float, weak_transform
+from pipeline.data.readers import load_categories, read_prepared
+from pipeline.data.rows import decode_row, read_rows
+from pipeline.distributed.labeler import TeacherLabeler
+from pipeline.distributed.weights import get_or_create_store, publish
+from pipeline.training.session import build_optimizer, build_student_teacher, labeled_batch, resolve_device, to_device
 
 CORES = os.cpu_count() or 1
 

@@ -85,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from pipeline.synth import generate
+    from pipeline.data.synth import generate
 
     if args.images < 2:
         raise InputError(f"--images {args.images}: need at least 2 (train and val)")
@@ -93,7 +93,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     report = prepare(
         args.annotations,
@@ -133,9 +133,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _label(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from pipeline.label import LabelJob, label
-    from pipeline.label_model import from_checkpoint, from_registry
-    from pipeline.label_report import summary_lines
+    from pipeline.labeling.label import LabelJob, label
+    from pipeline.labeling.model import from_checkpoint, from_registry
+    from pipeline.labeling.report import summary_lines
 
     if args.model_uri:
         model = from_registry(args.model_uri, args.config, args.overrides, args.model)
@@ -163,7 +163,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _ui(args: argparse.Namespace) -> None:
-    from pipeline.tracking import serve_ui, tracking_uri
+    from pipeline.tracking.tracker import serve_ui, tracking_uri
 
     sys.exit(serve_ui(tracking_uri(_load(args).tracking.uri), args.host, args.port))
 

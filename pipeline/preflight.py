@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, tracking_uri
-from pipeline.data import require_segmentations
+from pipeline.data.readers import load_categories, load_split
+from pipeline.data.rows import require_segmentations
+from pipeline.data.schema import LABELED_DIR, SPLIT_FILE, UNLABELED_DIR, VAL_DIR
+from pipeline.data.shards import READ_ERRORS, RowGroup, Skipped, error_reason, read_group, row_groups, whole_tables
 from pipeline.errors import InputError
-from pipeline.evaluation import load_val_set
+from pipeline.evaluation.evaluator import load_val_set
 from pipeline.paths import writable_dir
-from pipeline.readers import load_categories, load_split
-from pipeline.schema import LABELED_DIR, SPLIT_FILE, UNLABELED_DIR, VAL_DIR
-from pipeline.session import build_student_teacher, load_checkpoint, load_part
-from pipeline.shards import READ_ERRORS, RowGroup, Skipped, error_reason, read_group, row_groups, whole_tables
+from pipeline.training.session import build_student_teacher, load_checkpoint, load_part
 
 
 @dataclass
@@ -51,7 +51,7 @@ def check_run(cfg: Config) -> RunInputs:
     if cfg.model.arch == "mask_rcnn":
         require_segmentations(prepared)
     if cfg.tracking.enabled:
-        from pipeline.tracking import open_client  # MLflow is imported only by tracked runs
+        from pipeline.tracking.tracker import open_client  # MLflow is imported only by tracked runs
 
         open_client(tracking_uri(cfg.tracking.uri))
     writable_dir(cfg.train.output_dir, "train.output_dir")

@@ -6,20 +6,20 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.data.readers import load_categories
 from pipeline.errors import InputError
-from pipeline.evaluation import Evaluator
-from pipeline.readers import load_categories
-from pipeline.session import build_student_teacher, load_checkpoint, load_part, resolve_device
+from pipeline.evaluation.evaluator import Evaluator
+from pipeline.training.session import build_student_teacher, load_checkpoint, load_part, resolve_device
 
 
 def train(cfg: Config) -> Path:
     """Run burn-in + mutual learning with the configured backend; returns the run directory."""
     if cfg.train.backend == "local":
-        from pipeline.local import train_local
+        from pipeline.training.local import train_local
 
         metrics = train_local(cfg)
     else:
-        from pipeline.ray_train import train_ray
+        from pipeline.distributed.driver import train_ray
 
         metrics = train_ray(cfg)
     _print_summary(metrics)

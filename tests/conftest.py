@@ -14,8 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.prepare import prepare  # noqa: E402
-from pipeline.synth import generate  # noqa: E402
+from pipeline.data.prepare import prepare  # noqa: E402
+from pipeline.data.synth import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

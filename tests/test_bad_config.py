@@ -19,10 +19,10 @@ from conftest import tiny_config
 
 from models.builders import build_detector
 from pipeline.config import load_config
-from pipeline.local import train_local
+from pipeline.data.readers import load_categories
 from pipeline.preflight import check_model
-from pipeline.readers import load_categories
 from pipeline.train import train
+from pipeline.training.local import train_local
 
 REFUSED = {  # case -> (overrides, the key its message names)
     "lr_infinite": (["train.lr=.inf"], "train.lr"),
@@ -95,7 +95,7 @@ def test_weights_file_error_is_one_line_without_unsafe_advice(bad_files, name, p
 
 
 def train_local_build(path: Path) -> None:
-    from pipeline.session import build_student_teacher
+    from pipeline.training.session import build_student_teacher
 
     cfg = load_config(None, [f"model.weights_path={path}"])
     build_student_teacher(cfg, 3, torch.device("cpu"))
@@ -131,7 +131,7 @@ def test_unknown_tracking_scheme_is_the_same_line_on_both_backends(prepared, tmp
 
 
 def test_ray_address_nobody_answers_at_is_refused_at_once(prepared, tmp_path):
-    from pipeline.resources import plan_resources, start_ray
+    from pipeline.distributed.resources import plan_resources, start_ray
 
     with socket.socket() as s:  # a port with nothing behind it: ray.init would retry it for minutes
         s.bind(("127.0.0.1", 0))

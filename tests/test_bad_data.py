@@ -14,14 +14,14 @@ from badinput import copy_prepared, damage_row_group, edit_json, error_of, first
 from cocofix import ann, dataset, image_entry, save_image, truncate, write_coco
 from conftest import tiny_config
 
-from pipeline import schema
-from pipeline.divergence import SkipGuard
+from pipeline.data import schema
+from pipeline.data.prepare import prepare
+from pipeline.data.shards import Skipped
 from pipeline.errors import InputError
-from pipeline.local import SampleStream, train_local
 from pipeline.preflight import check_run
-from pipeline.prepare import prepare
-from pipeline.shards import Skipped
 from pipeline.train import train
+from pipeline.training.divergence import SkipGuard
+from pipeline.training.local import SampleStream, train_local
 
 
 # -- ssod prepare: counted and dropped -----------------------------------------------------------------

@@ -16,9 +16,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.cli import main
-from pipeline.local import train_local
-from pipeline.prepare import prepare
-from pipeline.synth import generate
+from pipeline.data.prepare import prepare
+from pipeline.data.synth import generate
+from pipeline.training.local import train_local
 
 pytestmark = pytest.mark.slow  # a local Ray, training runs
 
@@ -86,9 +86,9 @@ def threshold(faster_run: Path, folder: Path) -> float:
 
     from models.builders import build_detector
     from models.pseudo_labels import teacher_detections
-    from pipeline.augment import to_float
-    from pipeline.data import decode_image_bytes
-    from pipeline.label_model import from_checkpoint
+    from pipeline.data.augment import to_float
+    from pipeline.data.rows import decode_image_bytes
+    from pipeline.labeling.model import from_checkpoint
 
     trained = from_checkpoint(faster_run, None, [], "teacher")
     model = build_detector(len(trained.categories), **trained.cfg.model.model_dump(), init_weights=False)
@@ -245,9 +245,9 @@ def test_model_uri_from_a_local_registry(
     import torch
     from mlflow.tracking import MlflowClient
 
-    from pipeline.label_model import from_checkpoint
-    from pipeline.session import build_student_teacher
-    from pipeline.tracking import Tracker
+    from pipeline.labeling.model import from_checkpoint
+    from pipeline.tracking.tracker import Tracker
+    from pipeline.training.session import build_student_teacher
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts under ./mlruns

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.label_model import LabelModel, from_checkpoint, label_thresholds
+from pipeline.labeling.model import LabelModel, from_checkpoint, label_thresholds
 
 CATEGORIES = [{"id": 3, "name": "cat", "label": 1}, {"id": 9, "name": "dog", "label": 2}]
 

@@ -7,12 +7,12 @@ import sys
 import pytest
 from conftest import PRETRAINED, ROOT, tiny_config
 
-from pipeline.console import print_sink
+from pipeline.data.prepare import prepare
+from pipeline.data.synth import generate
 from pipeline.errors import InputError
-from pipeline.local import train_local
-from pipeline.prepare import prepare
-from pipeline.synth import generate
+from pipeline.tracking.console import print_sink
 from pipeline.train import evaluate_checkpoint, train
+from pipeline.training.local import train_local
 
 AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"}
 

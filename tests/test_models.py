@@ -12,7 +12,7 @@ from models.ema import ema_update, keep_rate_from_span
 from models.losses import softmax_focal_loss, unsupervised_loss
 from models.pseudo_labels import filter_detections, pseudo_label
 from models.unbiased_teacher import Batch, refresh_teacher, unbiased_teacher_step
-from pipeline.augment import make_target, strong_view, to_model_target, weak_transform
+from pipeline.data.augment import make_target, strong_view, to_model_target, weak_transform
 
 
 def test_focal_loss_matches_hand_computation():

@@ -12,9 +12,9 @@ import pytest
 from cocofix import CATEGORIES, LABEL_OF, SIZE, ann, dataset, image_entry, pixels, save_image, truncate, write_coco
 from PIL import Image
 
-from pipeline import schema
+from pipeline.data import schema
+from pipeline.data.prepare import prepare
 from pipeline.errors import InputError
-from pipeline.prepare import prepare
 
 
 def rows(out: Path, split: str) -> list[dict]:

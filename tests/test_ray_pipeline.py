@@ -5,10 +5,10 @@ import json
 import pytest
 from conftest import PRETRAINED, tiny_config
 
+from pipeline.distributed.driver import train_ray
+from pipeline.distributed.resources import plan_resources, start_ray
 from pipeline.errors import InputError
-from pipeline.local import train_local
-from pipeline.ray_train import train_ray
-from pipeline.resources import plan_resources, start_ray
+from pipeline.training.local import train_local
 
 RAY_SETTINGS = [
     "ray.num_workers=2",

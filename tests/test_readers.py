@@ -12,10 +12,10 @@ import ray
 from cocofix import dataset, save_image, truncate
 from PIL import Image
 
-from pipeline import schema
+from pipeline.data import schema
+from pipeline.data.prepare import prepare
+from pipeline.data.readers import load_categories, load_split, read_image_folder, read_prepared
 from pipeline.errors import InputError
-from pipeline.prepare import prepare
-from pipeline.readers import load_categories, load_split, read_image_folder, read_prepared
 
 pytestmark = pytest.mark.slow  # a real local Ray
 

@@ -11,9 +11,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.coco_writer import CocoWriter, annotations
-from pipeline.labeler import encode_masks
-from pipeline.review import ReviewQueue, Uncertainty, uncertainty, write_grids
+from pipeline.distributed.labeler import encode_masks
+from pipeline.labeling.coco_writer import CocoWriter, annotations
+from pipeline.labeling.review import ReviewQueue, Uncertainty, uncertainty, write_grids
 
 THRESHOLDS = np.array([0.5, 0.7, 0.5], dtype=np.float32)  # per model label; 0 is background
 

@@ -1,4 +1,4 @@
-"""Hand-computable COCO scoring cases for pipeline.scoring."""
+"""Hand-computable COCO scoring cases for pipeline.evaluation.scoring."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline.scoring import score_coco, to_coco_results
+from pipeline.evaluation.scoring import score_coco, to_coco_results
 
 # COCO AP averages precision at 101 recall points 0.00, 0.01, ..., 1.00.
 # When recall tops out at 0.5, only the 51 points 0.00..0.50 can have non-zero

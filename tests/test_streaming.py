@@ -7,11 +7,11 @@ import pytest
 from conftest import ROOT
 
 from pipeline.config import load_config
+from pipeline.distributed.labeler import credit_window
+from pipeline.distributed.resources import plan_resources, start_ray
+from pipeline.distributed.weights import NO_VERSION, WeightStore
+from pipeline.distributed.worker import FreshRows
 from pipeline.errors import InputError
-from pipeline.labeler import credit_window
-from pipeline.ray_worker import FreshRows
-from pipeline.resources import plan_resources, start_ray
-from pipeline.weights import NO_VERSION, WeightStore
 
 
 def _batches(versions: list[int], size: int = 2):

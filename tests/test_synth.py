@@ -1,4 +1,4 @@
-"""`pipeline.synth.generate`: deterministic, long-tailed, valid COCO output with optional polygons."""
+"""`pipeline.data.synth.generate`: deterministic, long-tailed, valid COCO output with optional polygons."""
 
 import json
 from collections import Counter
@@ -10,8 +10,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from pipeline.data.synth import CLASS_NAMES, CLASS_WEIGHTS, generate
 from pipeline.errors import InputError
-from pipeline.synth import CLASS_NAMES, CLASS_WEIGHTS, generate
 
 SPLITS = ("train", "val")
 # pycocotools's decode trips a NumPy 2 deprecation warning that is not ours.

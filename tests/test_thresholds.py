@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from models.pseudo_labels import filter_detections
 from models.thresholds import AdaptiveThresholds, two_gaussian_split
-from pipeline.local import train_local
+from pipeline.training.local import train_local
 
 
 def _two_modes(low: float, high: float, n: int = 400, seed: int = 0) -> torch.Tensor:
@@ -64,12 +64,12 @@ def test_thresholds_survive_a_checkpoint_round_trip(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_published_thresholds_reach_the_labeler_with_the_weights(ray_cluster, prepared, tmp_path):
-    from pipeline.data import read_rows
-    from pipeline.labeler import TeacherLabeler
-    from pipeline.readers import load_categories
-    from pipeline.schema import UNLABELED_DIR
-    from pipeline.session import build_student_teacher
-    from pipeline.weights import get_or_create_store, publish
+    from pipeline.data.readers import load_categories
+    from pipeline.data.rows import read_rows
+    from pipeline.data.schema import UNLABELED_DIR
+    from pipeline.distributed.labeler import TeacherLabeler
+    from pipeline.distributed.weights import get_or_create_store, publish
+    from pipeline.training.session import build_student_teacher
 
     cfg = tiny_config(prepared, tmp_path, "ssl.score_threshold=auto", "model.min_size=[96]")
     num_classes = len(load_categories(prepared))

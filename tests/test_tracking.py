@@ -12,9 +12,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from models.builders import build_detector
-from pipeline import plots, tracking
 from pipeline.config import Config
-from pipeline.tracking import Tracker, serve_ui, tracking_uri
+from pipeline.tracking import plots
+from pipeline.tracking import tracker as tracking
+from pipeline.tracking.tracker import Tracker, serve_ui, tracking_uri
 
 NAMES = {1: "cat", 2: "dog", 3: "bird"}
 MODEL_NAME = "ssod-teacher-test"

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, free_port, tiny_config
 from mlflow.tracking import MlflowClient
 
-from pipeline.local import train_local
+from pipeline.training.local import train_local
 from tune.driver import run_search
 
 

@@ -16,10 +16,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import Config, dump_config
+from pipeline.distributed.driver import train_ray
+from pipeline.distributed.resources import plan_resources, start_ray
 from pipeline.paths import writable_dir
-from pipeline.ray_train import train_ray
-from pipeline.resources import plan_resources, start_ray
-from pipeline.tracking import Tracker
+from pipeline.tracking.tracker import Tracker
 from tune.space import check_space, to_tune_space
 
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # Tune refuses an all-zero request; memory keeps the trial schedulable

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.plots import pseudo_label_grid
+from pipeline.tracking.plots import pseudo_label_grid
 
 BAND_BELOW, BAND_ABOVE = 0.2, 0.1
 LISTED = 1000  # review.json lists this many images (or --review N if more)
@@ -97,7 +97,7 @@ def _push(heap: list[_Entry], entry: _Entry, size: int) -> None:
 
 def write_grids(pictures: list[tuple[dict, Any]], names: dict[int, str], folder: Path) -> list[Path]:
     """review/grid_NN.png: GRID_IMAGES images each, in review order, boxes with class and score drawn."""
-    from pipeline.augment import to_float
+    from pipeline.data.augment import to_float
 
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("grid_*.png"):

@@ -1,4 +1,4 @@
-"""What a runner plugs into the one training loop, `TrainingRun.run` (pipeline/loop.py)."""
+"""What a runner plugs into the one training loop, `TrainingRun.run` (pipeline/training/loop.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from models.unbiased_teacher import Batch
 
 if TYPE_CHECKING:
-    from pipeline.loop import TrainingRun
+    from pipeline.training.loop import TrainingRun
 
 
 class Feed(Protocol):

@@ -26,11 +26,11 @@ from models.unbiased_teacher import (
     without_scores,
 )
 from pipeline.config import Config, dump_config
-from pipeline.divergence import SkipGuard
-from pipeline.evaluation import Evaluator
-from pipeline.readers import load_categories
-from pipeline.schema import UNLABELED_DIR
-from pipeline.session import (
+from pipeline.data.readers import load_categories
+from pipeline.data.schema import UNLABELED_DIR
+from pipeline.evaluation.evaluator import Evaluator
+from pipeline.training.divergence import SkipGuard
+from pipeline.training.session import (
     PseudoLabelStats,
     build_optimizer,
     build_student_teacher,
@@ -46,7 +46,7 @@ from pipeline.session import (
 MetricsSink = Callable[[int, dict[str, float]], None]
 
 if TYPE_CHECKING:
-    from pipeline.feed import Feed
+    from pipeline.training.feed import Feed
 
 
 class TrainingRun:
@@ -86,7 +86,7 @@ class TrainingRun:
             dump_config(cfg, self.run_dir / "config.yaml")
             self.evaluator = Evaluator.from_config(cfg)
             if cfg.tracking.enabled:
-                from pipeline.tracking import Tracker  # MLflow is imported only by tracked runs
+                from pipeline.tracking.tracker import Tracker  # MLflow is imported only by tracked runs
 
                 self.tracker = Tracker(cfg, self.run_dir, run_name=self.run_dir.name, parent_run_id=parent_run_id)
                 self.tracker.start()

@@ -20,14 +20,14 @@ import torch
 import torch.distributed as dist
 
 from models.unbiased_teacher import Batch, all_ranks_agree
-from pipeline.augment import to_float
 from pipeline.config import Config
-from pipeline.console import print_sink
-from pipeline.labeler import batch_rows, decode_masks
-from pipeline.loop import TrainingRun
-from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
-from pipeline.streams import LABELED, UNLABELED
-from pipeline.weights import publish
+from pipeline.data.augment import to_float
+from pipeline.distributed.labeler import batch_rows, decode_masks
+from pipeline.distributed.streams import LABELED, UNLABELED
+from pipeline.distributed.weights import publish
+from pipeline.tracking.console import print_sink
+from pipeline.training.loop import TrainingRun
+from pipeline.training.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
 
 
 def _epochs(shard, batch_size: int) -> Iterator[dict]:

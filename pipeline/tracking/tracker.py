@@ -32,10 +32,10 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
 from torch import Tensor
 
 import models
-from pipeline import plots
 from pipeline.config import Config, tracking_uri
 from pipeline.errors import InputError
-from pipeline.label_model import write_bundle
+from pipeline.labeling.model import write_bundle
+from pipeline.tracking import plots
 
 
 def _finite(value: Any) -> float | None:

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schema
-from pipeline.coco_io import (
+from pipeline.data import schema
+from pipeline.data.coco_io import (
     ImageRecord,
     Report,
     build_records,

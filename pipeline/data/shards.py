@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.schema import ROW_SCHEMA
+from pipeline.data.schema import ROW_SCHEMA
 
 EXAMPLES = 20
 READ_ERRORS = (OSError, pa.ArrowException, ValueError)

@@ -17,7 +17,7 @@ import time
 import ray
 import torch
 
-from pipeline.shards import Skipped
+from pipeline.data.shards import Skipped
 
 NO_VERSION = -1
 

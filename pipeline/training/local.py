@@ -7,16 +7,16 @@ from typing import Any, Iterator
 
 from models.pseudo_labels import filter_detections, teacher_detections
 from models.unbiased_teacher import Batch
-from pipeline.augment import strong_view, to_float, to_model_target, weak_transform
 from pipeline.config import Config
-from pipeline.console import print_sink
-from pipeline.data import DECODE_FAILURES, decode_row, infinite_indices
+from pipeline.data.augment import strong_view, to_float, to_model_target, weak_transform
+from pipeline.data.rows import DECODE_FAILURES, decode_row, infinite_indices
+from pipeline.data.schema import LABELED_DIR, UNLABELED_DIR
+from pipeline.data.shards import Skipped, read_pool, read_rows
 from pipeline.errors import InputError
-from pipeline.loop import TrainingRun
 from pipeline.preflight import RunInputs, check_run
-from pipeline.schema import LABELED_DIR, UNLABELED_DIR
-from pipeline.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
-from pipeline.shards import Skipped, read_pool, read_rows
+from pipeline.tracking.console import print_sink
+from pipeline.training.loop import TrainingRun
+from pipeline.training.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
 
 
 class SampleStream:

@@ -18,11 +18,11 @@ from models.ema import unwrap
 from models.pretrained import PretrainedWeightsError
 from models.torch_files import TensorFileError, load_tensor_file
 from models.unbiased_teacher import Batch
-from pipeline.augment import to_float
 from pipeline.config import Config
+from pipeline.data.augment import to_float
+from pipeline.data.schema import LABELED_DIR
 from pipeline.errors import InputError
 from pipeline.paths import output_errors
-from pipeline.schema import LABELED_DIR
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -1,5 +1,5 @@
-"""The distributed runner's driver: Ray Data labeler actors (`pipeline/streams.py`) feed a Ray Train DDP
-student (the worker loop is `pipeline/ray_worker.py`); rank 0 keeps the EMA teacher and publishes it to the
+"""The distributed runner's driver: Ray Data labeler actors (`pipeline/distributed/streams.py`) feed a Ray Train DDP
+student (the worker loop is `pipeline/distributed/worker.py`); rank 0 keeps the EMA teacher and publishes it to the
 weight store.
 """
 
@@ -15,13 +15,13 @@ import ray.train
 import ray.train.torch
 
 from pipeline.config import Config
+from pipeline.distributed.resources import plan_resources, start_ray
+from pipeline.distributed.streams import build_datasets, data_config
+from pipeline.distributed.weights import get_or_create_store, store_name
+from pipeline.distributed.worker import train_loop_per_worker
 from pipeline.errors import InputError, find_input_error
 from pipeline.preflight import check_model, check_run
-from pipeline.ray_worker import train_loop_per_worker
-from pipeline.resources import plan_resources, start_ray
-from pipeline.session import CHECKPOINT_NAME, write_metrics
-from pipeline.streams import build_datasets, data_config
-from pipeline.weights import get_or_create_store, store_name
+from pipeline.training.session import CHECKPOINT_NAME, write_metrics
 
 
 def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline import schema
-from pipeline.coco_io import DECODE_ERRORS, IMAGE_EXTENSIONS, inspect_bytes, read_json, to_rgb_png
+from pipeline.data import schema
+from pipeline.data.coco_io import DECODE_ERRORS, IMAGE_EXTENSIONS, inspect_bytes, read_json, to_rgb_png
 from pipeline.errors import InputError
 
 if TYPE_CHECKING:

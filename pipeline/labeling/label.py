@@ -3,7 +3,7 @@
 Ray Data streams the images through the training's `TeacherLabeler` actors (an actor pool, GPU when
 `ray.gpus_per_labeler` asks for one); the driver takes the labelled rows one batch at a time and writes
 them out as they come, so its memory stays flat in the pool size. Outputs in OUT: `labels.json` (COCO),
-`label_report.json`, `review.json` and `review/` (see `pipeline.review`).
+`label_report.json`, `review.json` and `review/` (see `pipeline.labeling.review`).
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ import torch
 from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
-from pipeline import review
-from pipeline.coco_io import Report, write_json
-from pipeline.coco_writer import CocoWriter, annotations
 from pipeline.config import Config
+from pipeline.data.coco_io import Report, write_json
+from pipeline.data.readers import ImageFolder, list_image_folder, load_split, read_image_folder, read_prepared
+from pipeline.data.schema import LABELED_DIR, UNLABELED_DIR, VAL_DIR
+from pipeline.distributed.labeler import TeacherLabeler, batch_rows, decode_masks
+from pipeline.distributed.resources import data_context, plan_labeling, start_ray
+from pipeline.distributed.weights import get_or_create_store, store_name
 from pipeline.errors import InputError
-from pipeline.label_model import LabelModel, label_thresholds
-from pipeline.label_report import SWEEP, Clock, Tally, quality
-from pipeline.labeler import TeacherLabeler, batch_rows, decode_masks
-from pipeline.readers import ImageFolder, list_image_folder, load_split, read_image_folder, read_prepared
-from pipeline.resources import data_context, plan_labeling, start_ray
-from pipeline.schema import LABELED_DIR, UNLABELED_DIR, VAL_DIR
-from pipeline.weights import get_or_create_store, store_name
+from pipeline.labeling import review
+from pipeline.labeling.coco_writer import CocoWriter, annotations
+from pipeline.labeling.model import LabelModel, label_thresholds
+from pipeline.labeling.report import SWEEP, Clock, Tally, quality
 
 FIRST_IMAGE_ID = 1  # an image folder's ids: 1, 2, ... in sorted path order
 SPLIT_COUNTS = {LABELED_DIR: "num_labeled", UNLABELED_DIR: "num_unlabeled", VAL_DIR: "num_val"}
@@ -276,7 +276,7 @@ def _track(cfg: Config, out: Path, report: dict[str, Any], grids: list[Path]) ->
     """With tracking on: one MLflow run with the config, the report, the ranking and the review grids."""
     if not cfg.tracking.enabled:
         return
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.tracker import Tracker
 
     tracker = Tracker(cfg, out, run_name=f"label-{out.resolve().name}", tags={"ssod.command": "label"})
     tracker.start()

@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from models.ema import unwrap
-from pipeline.augment import to_float
-from pipeline.coco_io import load_coco
 from pipeline.config import Config
-from pipeline.data import decode_image_bytes, read_rows
+from pipeline.data.augment import to_float
+from pipeline.data.coco_io import load_coco
+from pipeline.data.readers import load_categories
+from pipeline.data.rows import decode_image_bytes, read_rows
+from pipeline.data.schema import VAL_DIR, VAL_GT_FILE
 from pipeline.errors import InputError
-from pipeline.readers import load_categories
-from pipeline.schema import VAL_DIR, VAL_GT_FILE
-from pipeline.scoring import score_coco, to_coco_results
+from pipeline.evaluation.scoring import score_coco, to_coco_results
 
 
 class Evaluator:

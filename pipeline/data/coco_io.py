@@ -1,6 +1,6 @@
 """COCO input: JSON loading with one-line errors, structure checks, box cleaning, image checks.
 
-Everything here is pure or works on one file at a time; `pipeline.prepare` drives it. Problems that
+Everything here is pure or works on one file at a time; `pipeline.data.prepare` drives it. Problems that
 can be fixed or skipped are counted in a `Report`; the rest raise `InputError`.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.annotations import clean_box, valid_segmentation
+from pipeline.data.annotations import clean_box, valid_segmentation
 from pipeline.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

@@ -16,11 +16,11 @@ from pycocotools import mask as mask_utils
 
 from models.builders import build_detector
 from models.pseudo_labels import Threshold, filter_detections, teacher_detections
-from pipeline.augment import strong_view, to_float, weak_transform
 from pipeline.config import Config
-from pipeline.data import DECODE_FAILURES, decode_row
+from pipeline.data.augment import strong_view, to_float, weak_transform
+from pipeline.data.rows import DECODE_FAILURES, decode_row
+from pipeline.distributed.weights import NO_VERSION
 from pipeline.errors import InputError
-from pipeline.weights import NO_VERSION
 
 Batch = dict[str, np.ndarray]
 # A labeler waits at most this long for credit, then labels anyway (counted): slow beats deadlocked.

@@ -12,12 +12,12 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.annotations import valid_segmentation
-from pipeline.augment import make_target
-from pipeline.coco_io import load_coco
+from pipeline.data.annotations import valid_segmentation
+from pipeline.data.augment import make_target
+from pipeline.data.coco_io import load_coco
 from pipeline.errors import InputError
-from pipeline.schema import LABELED_DIR, VAL_GT_FILE
-from pipeline.shards import read_rows
+from pipeline.data.schema import LABELED_DIR, VAL_GT_FILE
+from pipeline.data.shards import read_rows
 
 # What decoding a row raises on damaged image bytes (torchvision's decoders, an empty buffer).
 DECODE_FAILURES = (RuntimeError, ValueError)

@@ -20,12 +20,12 @@ import ray.train
 from ray.data import ActorPoolStrategy, ExecutionOptions, ExecutionResources
 
 from pipeline.config import Config
+from pipeline.data.readers import read_image_folder, read_prepared
+from pipeline.data.shards import READ_ERRORS, RowGroup, error_reason, read_group
+from pipeline.distributed.labeler import TeacherLabeler, add_strong_views, labeled_views
+from pipeline.distributed.resources import VIEW_TASK_CPUS, ResourcePlan, data_context
 from pipeline.errors import InputError
-from pipeline.labeler import TeacherLabeler, add_strong_views, labeled_views
 from pipeline.preflight import RunInputs
-from pipeline.readers import read_image_folder, read_prepared
-from pipeline.resources import VIEW_TASK_CPUS, ResourcePlan, data_context
-from pipeline.shards import READ_ERRORS, RowGroup, error_reason, read_group
 
 LABELED, UNLABELED = "labeled", "unlabeled"
 MAX_LABELED_PASSES = 64  # beyond this a long run re-executes the labeled stream per 64 passes
