@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from pipeline.errors import InputError
@@ -179,8 +180,13 @@ COMMANDS = {
 }
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: Ray is shut down on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     # MLflow announces the creation of a new sqlite store on stderr: a refused run would print more than its line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
@@ -188,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped: the same command resumes from the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,173 @@
+"""Faults as users meet them, injected by PID into a real `ssod train` on Ray: a labeler actor and a train
+worker killed with SIGKILL mid-run, and the driver stopped with SIGTERM then run again."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, tiny_config
+
+from pipeline.config import dump_config
+
+pytestmark = pytest.mark.slow  # three Ray runs
+
+STEP_LINE = re.compile(r'\{"step": (\d+)')
+FAULT_RUN = [
+    "train.backend=ray",
+    "train.steps=24",
+    "ssl.burn_in_steps=6",
+    "train.checkpoint_period=8",
+    "train.eval_period=24",
+    "train.log_period=1",
+    "ray.max_failures=1",
+]
+
+
+def _process_tree(root: int) -> dict[int, str]:
+    """The processes below `root` (a run's own local Ray: raylet, GCS, workers) and their command lines."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                try:
+                    tree[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                frontier.append(child)
+    return tree
+
+
+class Run:
+    """`ssod train` in a subprocess; its console lines are read as they come."""
+
+    def __init__(self, config: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the driver relays the workers' lines as they come
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for_step(self, step: int, timeout: float = 600) -> float:
+        """Block until the console shows student step >= `step`; returns when it did (monotonic seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                assert self.proc.poll() is None, "".join(self.output[-40:])
+                continue
+            seen = STEP_LINE.search(line)  # rank 0's console line, relayed with a "(RayTrainWorker pid=..)" prefix
+            if seen and int(seen.group(1)) >= step:
+                return time.monotonic()
+        raise AssertionError(f"no step {step} in {timeout} s:\n" + "".join(self.output[-40:]))
+
+    def kill(self, title: str) -> None:
+        pids = [pid for pid, cmd in _process_tree(self.proc.pid).items() if cmd.startswith("ray::") and title in cmd]
+        assert pids, f"no {title} process below the driver"
+        os.kill(pids[0], signal.SIGKILL)
+
+    def finish(self, timeout: float = 900) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def runs():
+    """Every run a test starts; one still going when the test ends (a failed assertion) is killed with its Ray."""
+    started: list[Run] = []
+    yield started
+    for run in started:
+        if run.proc.poll() is None:
+            for pid in [*_process_tree(run.proc.pid), run.proc.pid]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _config(prepared: Path, tmp_path: Path, *overrides: str) -> Path:
+    path = tmp_path / "run.yaml"
+    dump_config(tiny_config(prepared, tmp_path / "run", *FAULT_RUN, *overrides), path)
+    return path
+
+
+def test_a_killed_labeler_and_a_killed_train_worker_are_survived_and_counted(prepared, tmp_path, runs):
+    run = Run(_config(prepared, tmp_path))
+    runs.append(run)
+    run.wait_for_step(9)  # mutual learning: the labeler is streaming
+    run.kill("TeacherLabeler")
+    run.wait_for_step(18)
+    run.kill("RayTrainWorker")
+    killed = time.monotonic()
+    run.wait_for_step(17)  # the first step after the restore from step 16
+    recovered = time.monotonic() - killed
+    assert run.finish() == 0, "".join(run.output[-60:])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    print(
+        f"fault metrics: recovered in {recovered:.0f} s",
+        {
+            k: metrics[k]
+            for k in (
+                "worker_restarts",
+                "resumed_from_step",
+                "labeler_restarts",
+                "pseudo_rows_lost",
+                "gate_timeouts",
+                "pseudo_wait_seconds",
+            )
+        },
+    )
+    assert metrics["steps"] == 24 and metrics["stop_reason"] is None
+    assert metrics["worker_restarts"] == 1 and metrics["resumed_from_step"] == 16  # 2 steps redone
+    assert metrics["labeler_restarts"] >= 1
+    assert metrics["pseudo_rows_lost"] == 0  # Ray Data retried the dead labeler's batch on its restart
+    assert metrics["gate_timeouts"] == 0, "the labelers waited out the credit gate after the restart"
+    assert recovered < 180
+
+
+def test_a_stopped_driver_exits_cleanly_and_the_same_command_resumes(prepared, tmp_path, runs):
+    config = _config(prepared, tmp_path, "train.steps=12")
+    run = Run(config)
+    runs.append(run)
+    run.wait_for_step(10)
+    ray_processes = _process_tree(run.proc.pid)
+    stopped = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=60) == 130, "".join(run.output[-40:])
+    print(f"driver exit after SIGTERM: {time.monotonic() - stopped:.1f} s")
+    deadline = time.monotonic() + 30
+    while (alive := [pid for pid in ray_processes if Path(f"/proc/{pid}").exists()]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not alive, [ray_processes[pid][:80] for pid in alive]
+    resumed = Run(config)
+    runs.append(resumed)
+    assert resumed.finish() == 0, "".join(resumed.output[-60:])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 8 and metrics["steps"] == 12
