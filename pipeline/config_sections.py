@@ -142,6 +142,7 @@ class RayConfig(Section):
     labeler_batch_size: int = Field(2, ge=1)
     weight_check_batches: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)
+    startup_timeout_s: float = Field(600.0, gt=0, description="wait this long for an autoscaling cluster to grow")
 
 
 class TrackingConfig(Section):

@@ -131,7 +131,8 @@ def test_unknown_tracking_scheme_is_the_same_line_on_both_backends(prepared, tmp
 
 
 def test_ray_address_nobody_answers_at_is_refused_at_once(prepared, tmp_path):
-    from pipeline.distributed.resources import plan_resources, start_ray
+    from pipeline.distributed.cluster import start_ray
+    from pipeline.distributed.resources import plan_resources
 
     with socket.socket() as s:  # a port with nothing behind it: ray.init would retry it for minutes
         s.bind(("127.0.0.1", 0))

@@ -5,8 +5,9 @@ import json
 import pytest
 from conftest import PRETRAINED, tiny_config
 
+from pipeline.distributed.cluster import start_ray
 from pipeline.distributed.driver import train_ray
-from pipeline.distributed.resources import plan_resources, start_ray
+from pipeline.distributed.resources import plan_resources
 from pipeline.errors import InputError
 from pipeline.training.local import train_local
 

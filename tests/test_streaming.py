@@ -7,8 +7,9 @@ import pytest
 from conftest import ROOT
 
 from pipeline.config import load_config
+from pipeline.distributed.cluster import start_ray
 from pipeline.distributed.labeler import credit_window
-from pipeline.distributed.resources import plan_resources, start_ray
+from pipeline.distributed.resources import plan_resources
 from pipeline.distributed.weights import NO_VERSION, WeightStore
 from pipeline.distributed.worker import FreshRows
 from pipeline.errors import InputError
@@ -38,7 +39,11 @@ def test_credit_gate_waits_while_labelers_run_a_window_ahead_then_counts_the_tim
     store = WeightStore()
     assert asyncio.run(store.acquire(4, window=4, timeout_s=1.0))
     assert not asyncio.run(store.acquire(1, window=4, timeout_s=0.1))  # 5 ahead of 0 consumed
-    assert store.counters() == {"produced": 5, "consumed": 0, "gate_timeouts": 1}
+    assert {k: store.counters()[k] for k in ("produced", "consumed", "gate_timeouts")} == {
+        "produced": 5,
+        "consumed": 0,
+        "gate_timeouts": 1,
+    }
     store.consumed(5)
     assert asyncio.run(store.acquire(4, window=4, timeout_s=0.1))
 
@@ -49,8 +54,24 @@ def test_a_restarted_worker_group_starts_with_fresh_credit_and_no_teacher():
     store._version = 45  # the last attempt published at step 45, then a worker died
     store.begin_attempt()
     assert store.version() == NO_VERSION
-    assert store.counters() == {"produced": 0, "consumed": 0, "gate_timeouts": 1}  # timeouts stay counted
+    counters = store.counters()
+    assert (counters["produced"], counters["consumed"], counters["gate_timeouts"]) == (0, 0, 1)  # timeouts stay
+    assert counters["worker_restarts"] == 1
     assert asyncio.run(store.acquire(4, window=4, timeout_s=0.01))
+
+
+def test_a_restarted_labeler_is_counted_and_its_batches_are_lost_until_a_retry_labels_them():
+    store = WeightStore()
+    store.labeler_started("actor-a")
+    store.labeler_started("actor-b")
+    for actor, batch, rows in (("actor-a", "img1+2", 2), ("actor-a", "img3+2", 2), ("actor-b", "img5+2", 2)):
+        asyncio.run(store.acquire(rows, window=100, timeout_s=0.01, actor_id=actor, batch=batch))
+    store.delivered("actor-a", "img1+2")
+    store.labeler_started("actor-a")  # killed with img3 in flight; Ray restarted it under its id
+    assert (store.counters()["labeler_restarts"], store.counters()["pseudo_rows_lost"]) == (1, 2)
+    asyncio.run(store.acquire(2, window=100, timeout_s=0.01, actor_id="actor-a", batch="img3+2"))  # the retry
+    assert (store.counters()["labeler_restarts"], store.counters()["pseudo_rows_lost"]) == (1, 0)
+    assert store.counters()["worker_restarts"] == 0
 
 
 def test_credit_window_covers_what_is_in_flight_and_the_staleness_budget():

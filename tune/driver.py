@@ -16,8 +16,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import Config, dump_config
+from pipeline.distributed.cluster import start_ray
 from pipeline.distributed.driver import train_ray
-from pipeline.distributed.resources import plan_resources, start_ray
+from pipeline.distributed.resources import plan_resources
 from pipeline.paths import writable_dir
 from pipeline.tracking.tracker import Tracker
 from tune.space import check_space, to_tune_space

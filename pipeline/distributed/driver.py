@@ -15,7 +15,8 @@ import ray.train
 import ray.train.torch
 
 from pipeline.config import Config
-from pipeline.distributed.resources import plan_resources, start_ray
+from pipeline.distributed.cluster import start_ray
+from pipeline.distributed.resources import plan_resources
 from pipeline.distributed.streams import build_datasets, data_config
 from pipeline.distributed.weights import get_or_create_store, store_name
 from pipeline.distributed.worker import train_loop_per_worker

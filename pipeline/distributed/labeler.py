@@ -93,6 +93,8 @@ class TeacherLabeler:
         self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.ray.gpus_per_labeler else "cpu")
         self.model = build_detector(num_classes, **cfg.model.model_dump(), init_weights=False).to(self.device).eval()
         self.store = ray.get_actor(store_name)
+        self.actor_id = ray.get_runtime_context().get_actor_id()
+        ray.get(self.store.labeler_started.remote(self.actor_id))
         self.version, self.batches, self.wait_timeout_s = NO_VERSION, 0, wait_timeout_s
         auto = cfg.ssl.score_threshold == "auto"  # until the first fit arrives with the weights: the floor
         self.threshold: Threshold = cfg.ssl.threshold_floor if auto else cfg.ssl.score_threshold
@@ -114,7 +116,9 @@ class TeacherLabeler:
                 self.threshold = torch.tensor(thresholds)
 
     def __call__(self, batch: Batch) -> Batch:
-        ray.get(self.store.acquire.remote(len(batch["image_id"]), self.window, GATE_TIMEOUT_S))
+        rows = len(batch["image_id"])
+        key = f"{batch['image_id'][0]}+{rows}" if rows else ""  # a retry of this batch has the same key
+        ray.get(self.store.acquire.remote(rows, self.window, GATE_TIMEOUT_S, self.actor_id, key))
         self._refresh_weights()
         self.batches += 1
         started = time.perf_counter()
@@ -123,7 +127,7 @@ class TeacherLabeler:
         detections = teacher_detections(self.model, images) if images else []  # a batch may not decode at all
         kept = [filter_detections(d, self.threshold) for d in detections]
         seconds = (time.perf_counter() - started) / max(len(samples), 1)
-        return {
+        out = {
             "image_id": batch["image_id"][decoded],
             "file_name": batch["file_name"][decoded],
             "image": [image.numpy() for image, _ in samples],
@@ -140,6 +144,8 @@ class TeacherLabeler:
             "teacher_version": np.full(len(samples), self.version, dtype=np.int64),
             "label_seconds": np.full(len(samples), seconds, dtype=np.float64),
         }
+        self.store.delivered.remote(self.actor_id, key)
+        return out
 
     def _decode(self, batch: Batch) -> tuple[np.ndarray, list[tuple]]:
         """Weak views of the rows that decode (and their indices); the others are skipped and counted in the store."""

@@ -7,14 +7,9 @@ On a small machine a plan that does not leave Ray Data room for its read tasks h
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
-
-import ray
 
 from pipeline.config import Config
 from pipeline.errors import InputError
@@ -45,6 +40,8 @@ class ResourcePlan:
     train_gpus: float
     labeler_cpus: float
     labeler_gpus: float
+    num_workers: int = 0  # train workers of one run, each `train_cpus / num_workers` CPUs
+    num_labelers: int = 0
     runs: int = 1
     labeling: bool = False  # `ssod label`: one stream and no trainers
 
@@ -76,6 +73,21 @@ class ResourcePlan:
     def gpus(self) -> float:
         return (self.train_gpus + self.labeler_gpus) * self.runs
 
+    def bundles(self) -> list[dict[str, float]]:
+        """The shapes the run places, for the autoscaler: one per train worker and labeler, data tasks in
+        whole CPUs."""
+        data, rest = divmod(self.data_cpus, 1.0)
+        return (
+            [self._shape(self.train_cpus, self.train_gpus, self.num_workers)] * self.num_workers * self.runs
+            + [self._shape(self.labeler_cpus, self.labeler_gpus, self.num_labelers)] * self.num_labelers * self.runs
+            + [{"CPU": 1.0}] * int(data)
+            + ([{"CPU": rest}] if rest > 1e-9 else [])
+        )
+
+    @staticmethod
+    def _shape(cpus: float, gpus: float, n: int) -> dict[str, float]:
+        return {k: v / n for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+
     def times(self, n: int) -> ResourcePlan:
         """The plan for `n` runs side by side."""
         return replace(self, runs=self.runs * n)
@@ -93,20 +105,27 @@ def plan_resources(cfg: Config) -> ResourcePlan:
         train_gpus=r.num_workers * r.gpus_per_worker,
         labeler_cpus=r.num_labelers * r.cpus_per_labeler,
         labeler_gpus=r.num_labelers * r.gpus_per_labeler,
+        num_workers=r.num_workers,
+        num_labelers=r.num_labelers,
     )
 
 
 def plan_labeling(cfg: Config) -> ResourcePlan:
     """`ssod label`: the labeler actors and the read/decode tasks beside them."""
-    return replace(plan_resources(cfg), train_cpus=0.0, train_gpus=0.0, labeling=True)
+    return replace(plan_resources(cfg), train_cpus=0.0, train_gpus=0.0, num_workers=0, labeling=True)
 
 
-def check_fits(plan: ResourcePlan, available: dict[str, float]) -> None:
+def fits(plan: ResourcePlan, available: dict[str, float]) -> bool:
+    return plan.cpus <= available.get("CPU", 0.0) + 1e-9 and plan.gpus <= available.get("GPU", 0.0) + 1e-9
+
+
+def check_fits(plan: ResourcePlan, available: dict[str, float], where: str = "has") -> None:
+    """Raise InputError naming the plan's parts when it does not fit `available` (what the cluster `where`)."""
     cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
     if plan.cpus > cpus + 1e-9:
         raise InputError(
             f"resource plan needs {plan.cpus:g} CPUs (train {plan.train_cpus * plan.runs:g} + labelers"
-            f" {plan.labeler_cpus * plan.runs:g} + data tasks {plan.data_cpus:g}) but the Ray cluster has {cpus:g}:"
+            f" {plan.labeler_cpus * plan.runs:g} + data tasks {plan.data_cpus:g}) but the Ray cluster {where} {cpus:g}:"
             " lower ray.num_workers,"
             " ray.cpus_per_worker, ray.num_labelers or ray.cpus_per_labeler (fractions are allowed), or raise"
             " ray.num_cpus for a local Ray"
@@ -115,29 +134,8 @@ def check_fits(plan: ResourcePlan, available: dict[str, float]) -> None:
         raise InputError(
             f"resource plan needs {plan.gpus:g} GPUs (train {plan.train_gpus * plan.runs:g} + labelers"
             f" {plan.labeler_gpus * plan.runs:g})"
-            f" but the Ray cluster has {gpus:g}: set ray.gpus_per_worker / ray.gpus_per_labeler to 0 for CPU"
+            f" but the Ray cluster {where} {gpus:g}: set ray.gpus_per_worker / ray.gpus_per_labeler to 0 for CPU"
         )
-
-
-def start_ray(cfg: Config, plan: ResourcePlan) -> None:
-    """Join `ray.address` / RAY_ADDRESS, or start a local Ray sized to the plan (logical CPUs)."""
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            _check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
-            ray.init(address=address)
-        else:
-            cores = os.cpu_count() or 1
-            if not cfg.ray.num_cpus and cfg.ray.num_workers > cores:
-                raise InputError(
-                    f"ray.num_workers={cfg.ray.num_workers} DDP workers on a local Ray of a {cores}-core "
-                    "machine would each run a full student: lower ray.num_workers, or set "
-                    "ray.num_cpus to size the local Ray yourself"
-                )
-            num_cpus = cfg.ray.num_cpus or max(math.ceil(plan.cpus), cores)
-            os.environ.setdefault(FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS)  # the local Ray's processes inherit it
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    check_fits(plan, ray.cluster_resources())
 
 
 @contextlib.contextmanager
@@ -155,14 +153,3 @@ def data_context(**settings: Any) -> Iterator[None]:
     finally:
         for name, value in previous.items():
             setattr(context, name, value)
-
-
-def _check_reachable(address: str, key: str) -> None:
-    """`ray.init` retries an address nobody answers at for minutes (seen: over 5): refuse it at once."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():  # "auto", "local" or a bare host: Ray resolves those itself
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=10).close()
-    except OSError as exc:
-        raise InputError(f"{key}={address}: no Ray cluster answers there ({exc.strerror or exc})") from None

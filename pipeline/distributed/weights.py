@@ -7,6 +7,9 @@ train-worker restart loses nothing.
 It also keeps the labelling credit that bounds staleness: labelers may run at most `window` rows ahead
 of what the trainers consumed. The wait times out (and is counted) instead of blocking forever, so a
 window smaller than what Ray Data keeps in flight slows the stream down but can never deadlock it.
+
+And it counts faults: worker-group restarts (`begin_attempt` after the first), labeler actors that came
+back (Ray restarts a killed actor under its old id) and the rows they held that never came back.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ class WeightStore:
     """The store's logic; `TeacherWeightStore` is this class as a Ray actor."""
 
     def __init__(self) -> None:
-        self._gate_timeouts = 0
+        self._gate_timeouts = self._attempts = self._labeler_restarts = 0
         self._skipped = Skipped()  # damaged parts of the unlabeled pool, from the preflight, readers and labelers
+        self._labelers: dict[str, dict[str, int]] = {}  # actor id -> its batches in flight (key -> rows)
+        self._lost: dict[str, int] = {}  # batches a dead labeler held, until a retry labels them again
         self.begin_attempt()
 
     def begin_attempt(self) -> None:
@@ -42,6 +47,7 @@ class WeightStore:
         self._thresholds: list[float] | None = None
         self._published_at = 0.0
         self._produced = self._consumed = 0
+        self._attempts += 1
 
     def publish(self, version: int, state: dict[str, torch.Tensor], thresholds: list[float] | None = None) -> int:
         """Store a teacher taken at student step `version` (with its per-class thresholds, if adaptive);
@@ -54,8 +60,24 @@ class WeightStore:
     def version(self) -> int:
         return self._version
 
-    async def acquire(self, rows: int, window: int, timeout_s: float) -> bool:
-        """A labeler asks to label `rows` more; waits while that would run more than `window` ahead."""
+    def labeler_started(self, actor_id: str) -> None:
+        """Called by every labeler as it starts: an id seen before is an actor Ray restarted."""
+        if actor_id in self._labelers:
+            self._labeler_restarts += 1
+            self._lost.update(self._labelers[actor_id])
+        self._labelers[actor_id] = {}
+
+    def delivered(self, actor_id: str, batch: str) -> None:
+        self._labelers.get(actor_id, {}).pop(batch, None)
+
+    async def acquire(
+        self, rows: int, window: int, timeout_s: float, actor_id: str | None = None, batch: str | None = None
+    ) -> bool:
+        """A labeler asks to label `rows` more (the batch `batch`); waits while that would run more than
+        `window` ahead."""
+        if actor_id is not None:
+            self._labelers.setdefault(actor_id, {})[batch] = rows
+            self._lost.pop(batch, None)  # a retried batch is labelled after all
         deadline = time.monotonic() + timeout_s
         while self._produced + rows - self._consumed > window and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -74,7 +96,14 @@ class WeightStore:
         return self._skipped.metrics()
 
     def counters(self) -> dict[str, int]:
-        return {"produced": self._produced, "consumed": self._consumed, "gate_timeouts": self._gate_timeouts}
+        return {
+            "produced": self._produced,
+            "consumed": self._consumed,
+            "gate_timeouts": self._gate_timeouts,
+            "worker_restarts": self._attempts - 1,
+            "labeler_restarts": self._labeler_restarts,
+            "pseudo_rows_lost": sum(self._lost.values()),
+        }
 
     def latest(self) -> tuple[int, list[ray.ObjectRef], list[float] | None]:
         # The ref travels inside a list so Ray hands over the reference, not the resolved value.

@@ -117,7 +117,7 @@ class RayFeed:
         cfg = run.cfg
         if self.fresh is None:  # the stream starts once the first teacher is in the store
             if run.rank == 0:
-                ray.get(publish(self.store, run.step, run.teacher, run.published_thresholds()))
+                ray.get(publish(self.store, run.step, run.teacher, run.scores.published()))
             all_ranks_agree(True, self.device)  # a barrier: no rank pulls before the publish
             shard = ray.train.get_dataset_shard(UNLABELED)
             batches = shard.iter_batches(
@@ -141,7 +141,7 @@ class RayFeed:
             kept.append(_target(row["pl_boxes"], row["pl_labels"], masks, image.shape[1:], row["pl_scores"]))
             held_aside.append(_target(row["gt_boxes"], row["gt_labels"]) if row["annotated"] else None)
             if run.rank == 0:  # rank 0 fits the thresholds it publishes
-                run.observe_scores(
+                run.scores.observe(
                     [
                         {
                             "labels": torch.from_numpy(row["teacher_labels"]),
@@ -161,7 +161,7 @@ class RayFeed:
             and run.step > ssl.burn_in_steps
             and (run.step - ssl.burn_in_steps) % ssl.publish_interval == 0
         ):
-            publish(self.store, run.step, run.teacher, run.published_thresholds())
+            publish(self.store, run.step, run.teacher, run.scores.published())
 
     def any_rank(self, flag: bool) -> bool:
         return all_ranks_agree(flag, self.device, any_rank=True)

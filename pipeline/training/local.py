@@ -93,8 +93,8 @@ class LocalFeed:
         samples = self.unlabeled.next(self.batch_size_unlabeled)
         weak = [to_float(image).to(run.device) for _, image, _ in samples]
         detections = teacher_detections(run.teacher, weak)
-        run.observe_scores(detections)
-        kept = [filter_detections(d, run.score_threshold) for d in detections]
+        run.scores.observe(detections)
+        kept = [filter_detections(d, run.scores.threshold) for d in detections]
         strong = [to_float(strong_view(image)) for _, image, _ in samples]
         held_aside = [to_model_target(target) if row["annotated"] else None for row, _, target in samples]
         return run.pseudo_batch(weak, strong, kept, held_aside)

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from models.ema import unwrap
-from models.pseudo_labels import Threshold
-from models.thresholds import AdaptiveThresholds
 from models.unbiased_teacher import (
     Batch,
     StepResult,
@@ -42,6 +40,7 @@ from pipeline.training.session import (
     to_device,
     write_metrics,
 )
+from pipeline.training.teacher_scores import TeacherScores
 
 MetricsSink = Callable[[int, dict[str, float]], None]
 
@@ -68,12 +67,7 @@ class TrainingRun:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.student)
         self.with_masks = cfg.model.arch == "mask_rcnn"
         self.stats = PseudoLabelStats()
-        ssl = cfg.ssl
-        # The teacher's score picture is kept in both modes; with `auto` the thresholds are fitted on it.
-        self.adaptive = ssl.score_threshold == "auto"
-        self.scores = AdaptiveThresholds(
-            len(categories), ssl.threshold_floor, ssl.threshold_ceiling, ssl.threshold_window
-        )
+        self.scores = TeacherScores(cfg.ssl, self.names)
         self.step, self.skipped_steps, self.history, self.checkpoint_steps = 0, 0, [], []
         self.guard = SkipGuard(cfg.train.max_skipped_fraction, cfg.train.skip_window)
         self.stop_reason: str | None = None  # set when the run must end early with an error (metrics.json keeps it)
@@ -133,7 +127,7 @@ class TrainingRun:
                 "stats": self.stats.state(),
                 "history": json.dumps(self.history),
                 "checkpoint_steps": json.dumps(self.checkpoint_steps),
-                "scores": self.scores.state_dict(),
+                "scores": self.scores.windows.state_dict(),
             },
         )
 
@@ -151,29 +145,13 @@ class TrainingRun:
         self.history = json.loads(state["history"])
         self.checkpoint_steps = json.loads(state.get("checkpoint_steps", "[]"))
         if state.get("scores"):
-            self.scores.load_state_dict(state["scores"])
+            self.scores.windows.load_state_dict(state["scores"])
         self._first_step = self.resumed_from_step = self.step
 
     # -- the algorithm -------------------------------------------------------------------------
     def in_mutual_learning(self) -> bool:
         """Whether the next step uses pseudo-labels."""
         return in_mutual_learning(self.step + 1, self.cfg.ssl.burn_in_steps)
-
-    @property
-    def score_threshold(self) -> Threshold:
-        """The user's fixed threshold, or the current per-class thresholds (`ssl.score_threshold: auto`)."""
-        return self.scores.values if self.adaptive else self.cfg.ssl.score_threshold
-
-    def published_thresholds(self) -> list[float] | None:
-        """What labeler actors receive with the teacher weights (None: they keep the fixed threshold)."""
-        return self.scores.values.tolist() if self.adaptive else None
-
-    def observe_scores(self, detections: list[dict[str, torch.Tensor]]) -> None:
-        """Teacher scores on unlabeled images, before thresholding: what per-class thresholds are fitted on."""
-        for d in detections:
-            self.scores.observe(d["labels"], d["scores"])
-        if self.adaptive and not self.scores.fitted:  # the first unlabeled batch: fit before thresholding it
-            self.scores.refit()
 
     def pseudo_batch(
         self,
@@ -210,8 +188,7 @@ class TrainingRun:
         refresh_teacher(
             self.teacher, self.student, self.step, ssl.burn_in_steps, ssl.teacher_update_interval, ssl.ema_keep_rate
         )
-        if self.adaptive and self.step % ssl.threshold_refit_interval == 0:
-            self.scores.refit()
+        self.scores.after_step(self.step)
         if self.step % train.log_period == 0 or result.skipped:
             self.log(
                 {
@@ -239,19 +216,9 @@ class TrainingRun:
             scalars.update(
                 {f"pseudo_share/{name}": n / total for name, n in summary["pseudo_label_class_counts"].items()}
             )
-        if self.adaptive:
-            scalars.update({f"threshold/{self.names[k]}": float(self.scores.values[k]) for k in self.names})
+        scalars.update(self.scores.scalars())
         scalars["train_steps_per_s"] = (self.step - self._first_step) / (time.perf_counter() - self._started)
         return scalars
-
-    def threshold_summary(self) -> dict[str, Any]:
-        """`thresholds` (per class) and `score_quantiles` (10/50/90 % of each class's teacher scores)."""
-        quantiles = self.scores.quantiles()
-        threshold = self.score_threshold
-        return {
-            "thresholds": {self.names[k]: float(threshold[k] if self.adaptive else threshold) for k in self.names},
-            "score_quantiles": {self.names[k]: quantiles[k - 1] for k in self.names},
-        }
 
     def log(self, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
@@ -273,8 +240,8 @@ class TrainingRun:
         if self.tracker is not None:
             self.tracker.log_score_histograms(
                 self.step,
-                {self.names[k]: list(w) for k, w in zip(sorted(self.names), self.scores.windows)},
-                self.threshold_summary()["thresholds"],
+                self.scores.per_class_windows(),
+                self.scores.summary()["thresholds"],
             )
         flat = {
             f"{who}/{iou}/{k}": v
@@ -299,7 +266,7 @@ class TrainingRun:
             "skipped_steps": self.skipped_steps,
             "resumed_from_step": self.resumed_from_step,
             **self.stats.summary(self.names),
-            **self.threshold_summary(),
+            **self.scores.summary(),
             "labeled_class_histogram": labeled_class_histogram(self.cfg.data.prepared, self.names),
             "history": [
                 {"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"], "student_AP": h["student"]["bbox"]["AP"]}
