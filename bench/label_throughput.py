@@ -13,7 +13,6 @@ shared and noisy. Not a test.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 import torch
+from bench_common import CORES, input_parser
 
 from models.pseudo_labels import pseudo_label
 from pipeline.config import Config, load_config
@@ -32,8 +32,6 @@ from pipeline.data.rows import decode_image_bytes
 from pipeline.labeling.label import LabelJob, label
 from pipeline.labeling.model import LabelModel
 from pipeline.training.session import build_student_teacher, resolve_device
-
-CORES = os.cpu_count() or 1
 
 
 def write_folder(prepared: Path, n: int, folder: Path) -> list[Path]:
@@ -82,10 +80,7 @@ def through_label(model: LabelModel, folder: Path, actors: int, threads: int, gp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--prepared", default="data/demo/prepared")
-    parser.add_argument("--images", type=int, default=160)
+    parser = input_parser(__doc__, images=160)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: actors and the bare loop on the GPU")
     # On a shared 2-core machine 2 torch threads ran 4x slower than 1 (spinning OpenMP barriers), so the

@@ -9,7 +9,6 @@ Ratios are taken inside one run (these machines are shared and noisy). Not a tes
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -20,6 +19,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from bench_common import CORES, input_parser
 
 from models.pseudo_labels import pseudo_label
 from models.unbiased_teacher import Batch, unbiased_teacher_step
@@ -30,8 +30,6 @@ from pipeline.data.rows import decode_row, read_rows
 from pipeline.distributed.labeler import TeacherLabeler
 from pipeline.distributed.weights import get_or_create_store, publish
 from pipeline.training.session import build_optimizer, build_student_teacher, labeled_batch, resolve_device, to_device
-
-CORES = os.cpu_count() or 1
 
 
 def _samples(cfg: Config, split: str, n: int) -> list:
@@ -145,10 +143,7 @@ def ray_steps(cfg: Config, steps: int, workers: int, storage: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--prepared", default="data/demo/prepared")
-    parser.add_argument("--images", type=int, default=64)
+    parser = input_parser(__doc__, images=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: labeler, workers and bare loops on the GPU")
     parser.add_argument("--out", default="bench/results/throughput.json")

@@ -18,7 +18,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from models.backbones import DEFAULT_ANCHORS, IMAGE_NORMALIZATION, SMALL_HEAD_BACKBONES, build_backbone
 from models.losses import FocalRoIHeads
 from models.pretrained import load_pretrained
-from models.torch_files import TensorFileError, load_tensor_file
+from models.torch_files import read_tensor_file
 
 ARCHS = ("faster_rcnn", "mask_rcnn")
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -108,12 +108,7 @@ def build_detector(
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a detector state dict, one of our checkpoints (its teacher), or backbone-only weights."""
-    try:
-        state = load_tensor_file(path)
-    except FileNotFoundError:
-        raise WeightsFileError(f"{path}: weights file not found") from None
-    except TensorFileError as exc:
-        raise WeightsFileError(f"{path}: {exc}") from None
+    state = read_tensor_file(path, WeightsFileError, "weights file")
     if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
         state = state["teacher"]
     if (

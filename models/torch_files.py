@@ -32,6 +32,17 @@ def load_tensor_file(path: str | Path) -> Any:
         raise TensorFileError(f"not a torch weights file ({_first_line(exc)})") from None
 
 
+def read_tensor_file(path: str | Path, error: type[Exception], what: str, unreadable: str = "") -> Any:
+    """`load_tensor_file` with both failures raised as `error` from None, in one line naming the file:
+    `PATH: WHAT not found`, or `PATH: UNREADABLE<why>` for a file that holds no loadable tensors."""
+    try:
+        return load_tensor_file(path)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except TensorFileError as exc:
+        raise error(f"{path}: {unreadable}{exc}") from None
+
+
 def _unpickling_reason(message: str) -> str:
     detail = _first_sentence(message.split(WEIGHTS_ONLY_MARK, 1)[-1])
     if detail.startswith("Unsupported global"):  # a real pickle of Python objects, refused by safe loading

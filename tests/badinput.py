@@ -1,16 +1,14 @@
-"""Helpers of the bad-input tests: damaged copies of a prepared set and the CLI run as a user runs it."""
+"""Helpers of the bad-input tests: damaged copies of a prepared set, the errors a refused call or CLI run gives."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
 
 from pipeline.errors import InputError
 
@@ -48,12 +46,6 @@ def error_of(call, *args, **kwargs) -> str:
     message = str(err.value)
     assert "\n" not in message, message
     return message
-
-
-def cli(*argv: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *names: str) -> None:

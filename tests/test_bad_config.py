@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from badinput import assert_one_line_error, cli, error_of
-from conftest import tiny_config
+from badinput import assert_one_line_error, error_of
+from conftest import cli, tiny_config
 
 from models.builders import build_detector
 from pipeline.config import load_config

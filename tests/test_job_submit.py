@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, sets
 
 pytestmark = pytest.mark.slow  # a Ray head node and a submitted job
 
@@ -50,30 +50,20 @@ def test_job_submitted_to_a_head_node_trains_on_ray(prepared, tmp_path):
                 "train",
                 "--config",
                 "configs/demo.yaml",
-                "--set",
-                f"data.prepared={prepared}",
-                "--set",
-                "train.steps=5",
-                "--set",
-                "ssl.burn_in_steps=3",
-                "--set",
-                "model.backbone=tiny",
-                "--set",
-                "model.pretrained=none",  # the submission is tested, not the model
-                "--set",
-                "model.min_size=[128]",
-                "--set",
-                "model.rois_per_image=32",
-                "--set",
-                "data.eval_images=4",
-                "--set",
-                "ray.cpus_per_worker=0.5",
-                "--set",
-                "ray.cpus_per_labeler=0.25",
-                "--set",
-                "ssl.max_staleness=8",
-                "--set",
-                "tracking.enabled=false",
+                *sets(
+                    f"data.prepared={prepared}",
+                    "train.steps=5",
+                    "ssl.burn_in_steps=3",
+                    "model.backbone=tiny",
+                    "model.pretrained=none",  # the submission is tested, not the model
+                    "model.min_size=[128]",
+                    "model.rois_per_image=32",
+                    "data.eval_images=4",
+                    "ray.cpus_per_worker=0.5",
+                    "ray.cpus_per_labeler=0.25",
+                    "ssl.max_staleness=8",
+                    "tracking.enabled=false",
+                ),
                 "--output",
                 str(out),
             ],

@@ -1,13 +1,10 @@
 """The local runner end to end: burn-in, mutual learning, metrics.json, checkpoints, evaluate, resume."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import PRETRAINED, ROOT, tiny_config
+from conftest import PRETRAINED, ROOT, cli, prepare_split, sets, tiny_config
 
-from pipeline.data.prepare import prepare
 from pipeline.data.synth import generate
 from pipeline.errors import InputError
 from pipeline.tracking.console import print_sink
@@ -57,49 +54,18 @@ def test_unsup_weight_zero_is_the_supervised_baseline(prepared, tmp_path):
 @pytest.mark.slow
 def test_cli_train_prints_run_dir_last_and_evaluate_prints_json(prepared, tmp_path):
     out = tmp_path / "cli"
-    args = [sys.executable, "-m", "pipeline.cli"]
     common = [
         "--config",
         str(ROOT / "configs" / "demo.yaml"),
-        "--set",
-        f"data.prepared={prepared}",
-        "--set",
-        "model.min_size=[128]",
-        "--set",
-        "model.rois_per_image=32",
-        "--set",
-        "data.eval_images=4",
-        "--set",
-        "tracking.enabled=false",
+        *sets(f"data.prepared={prepared}", "model.min_size=[128]", "model.rois_per_image=32"),
+        *sets("data.eval_images=4", "tracking.enabled=false"),
     ]
-    done = subprocess.run(
-        args
-        + [
-            "train",
-            *common,
-            "--set",
-            "train.backend=local",
-            "--set",
-            "train.steps=3",
-            "--set",
-            "ssl.burn_in_steps=2",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+    done = cli(
+        "train", *common, *sets("train.backend=local", "train.steps=3", "ssl.burn_in_steps=2"), "--output", str(out)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(out.resolve())
-    evaluated = subprocess.run(
-        args + ["evaluate", *common, "--checkpoint", str(out / "checkpoint.pt")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    evaluated = cli("evaluate", *common, "--checkpoint", str(out / "checkpoint.pt"))
     assert evaluated.returncode == 0, evaluated.stderr
     assert "AP50" in json.loads(evaluated.stdout)["bbox"]
 
@@ -128,10 +94,8 @@ def test_cli_train_prints_run_dir_last_and_evaluate_prints_json(prepared, tmp_pa
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(prepared, argv, message):
-    args = [sys.executable, "-m", "pipeline.cli", *argv]
-    if argv[0] != "prepare":
-        args += ["--set", f"data.prepared={prepared}"]
-    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    prepared_set = sets(f"data.prepared={prepared}") if argv[0] != "prepare" else []
+    done = cli(*argv, *prepared_set, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and message in done.stderr and "Traceback" not in done.stderr
 
@@ -141,15 +105,7 @@ def test_mask_rcnn_refuses_a_set_without_segmentations(tmp_path, backend):
     coco = tmp_path / "coco"
     generate(coco, 30, seed=1)  # boxes only
     prepared = tmp_path / "prepared"
-    prepare(
-        coco / "train" / "annotations.json",
-        coco / "train" / "images",
-        50,
-        0,
-        prepared,
-        val_annotations=coco / "val" / "annotations.json",
-        val_images=coco / "val" / "images",
-    )
+    prepare_split(coco, 50, prepared)
     cfg = tiny_config(prepared, tmp_path / "run", "model.arch=mask_rcnn", f"train.backend={backend}")
     with pytest.raises(InputError, match="have no segmentation; model.arch=mask_rcnn"):
         train(cfg)

@@ -1,11 +1,8 @@
 """Pretrained weights: the packaged EfficientNet-Lite0, torchvision's cache (seeded here, never downloaded)."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import ROOT
+from conftest import cli, sets
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, mobilenet_v3_large
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights, fasterrcnn_resnet50_fpn
 
@@ -83,31 +80,14 @@ def test_missing_cache_file_is_one_error_naming_it(torch_home):
 
 def test_cli_offline_pretrained_is_one_line_and_exit_2(prepared, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "TORCH_HOME": str(tmp_path / "empty"), "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "train",
-            "--set",
-            f"data.prepared={prepared}",
-            "--set",
-            "model.backbone=resnet50_fpn",
-            "--set",
-            "model.pretrained=coco",
-            "--set",
-            "train.backend=local",
-            "--set",
-            "tracking.enabled=false",
-            "--output",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env=env,
+    overrides = sets(
+        f"data.prepared={prepared}",
+        "model.backbone=resnet50_fpn",
+        "model.pretrained=coco",
+        "train.backend=local",
+        "tracking.enabled=false",
     )
+    done = cli("train", *overrides, "--output", str(tmp_path / "run"), env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: model.pretrained=coco: fasterrcnn_resnet50_fpn_coco")
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

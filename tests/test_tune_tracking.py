@@ -10,7 +10,7 @@ import urllib.request
 import mlflow
 import pytest
 import torch
-from conftest import ROOT, free_port, tiny_config
+from conftest import ROOT, cli, free_port, sets, tiny_config
 from mlflow.tracking import MlflowClient
 
 from pipeline.training.local import train_local
@@ -77,28 +77,8 @@ def test_two_trial_search_nests_runs_and_writes_a_trainable_best_config(ray_clus
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and all("teacher/bbox/AP" in r.data.metrics for r in children)
     best = tmp_path / "search" / "best_config.yaml"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "train",
-            "--config",
-            str(best),
-            "--set",
-            "train.backend=local",
-            "--set",
-            "train.steps=2",
-            "--set",
-            "tracking.enabled=false",
-            "--output",
-            str(tmp_path / "from_best"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    from_best = sets("train.backend=local", "train.steps=2", "tracking.enabled=false")
+    done = cli("train", "--config", str(best), *from_best, "--output", str(tmp_path / "from_best"))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "from_best" / "metrics.json").read_text())["steps"] == 2
 
@@ -139,37 +119,23 @@ def test_training_against_an_mlflow_server_is_found_through_the_rest_api(prepare
             except OSError:
                 assert time.monotonic() < deadline, "mlflow server did not come up"
                 time.sleep(1)
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "train",
-                "--config",
-                str(ROOT / "configs" / "demo.yaml"),
-                "--set",
-                f"data.prepared={prepared}",
-                "--set",
-                "train.backend=local",
-                "--set",
-                "train.steps=3",
-                "--set",
-                "ssl.burn_in_steps=2",
-                "--set",
-                "model.min_size=[128]",
-                "--set",
-                "data.eval_images=4",
-                "--set",
-                "tracking.registered_model_name=null",
-                "--set",
-                "tracking.experiment=server-test",
-                "--output",
-                str(tmp_path / "run"),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
+        overrides = sets(
+            f"data.prepared={prepared}",
+            "train.backend=local",
+            "train.steps=3",
+            "ssl.burn_in_steps=2",
+            "model.min_size=[128]",
+            "data.eval_images=4",
+            "tracking.registered_model_name=null",
+            "tracking.experiment=server-test",
+        )
+        done = cli(
+            "train",
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            *overrides,
+            "--output",
+            str(tmp_path / "run"),
             env={**os.environ, "MLFLOW_TRACKING_URI": base},
         )
         assert done.returncode == 0, done.stderr

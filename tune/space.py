@@ -7,7 +7,8 @@ from typing import Any
 from pydantic import ValidationError
 from ray import tune
 
-from pipeline.config import Config, SearchDim
+from pipeline.config import Config
+from pipeline.config_sections import SearchDim
 from pipeline.errors import InputError
 
 

@@ -15,9 +15,9 @@ from torchvision.io import ImageReadMode, decode_image
 from pipeline.data.annotations import valid_segmentation
 from pipeline.data.augment import make_target
 from pipeline.data.coco_io import load_coco
-from pipeline.errors import InputError
 from pipeline.data.schema import LABELED_DIR, VAL_GT_FILE
 from pipeline.data.shards import read_rows
+from pipeline.errors import InputError
 
 # What decoding a row raises on damaged image bytes (torchvision's decoders, an empty buffer).
 DECODE_FAILURES = (RuntimeError, ValueError)

@@ -15,8 +15,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
 from pipeline.data.schema import ROW_SCHEMA
+from pipeline.errors import InputError
 
 EXAMPLES = 20
 READ_ERRORS = (OSError, pa.ArrowException, ValueError)

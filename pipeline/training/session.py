@@ -16,7 +16,7 @@ from torchvision.ops import box_iou
 from models.builders import WeightsFileError, build_detector
 from models.ema import unwrap
 from models.pretrained import PretrainedWeightsError
-from models.torch_files import TensorFileError, load_tensor_file
+from models.torch_files import read_tensor_file
 from models.unbiased_teacher import Batch
 from pipeline.config import Config
 from pipeline.data.augment import to_float
@@ -187,12 +187,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint of `ssod train` (student, teacher, optimizer, scheduler, step, ...)."""
-    try:
-        state = load_tensor_file(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: checkpoint not found") from None
-    except TensorFileError as exc:
-        raise InputError(f"{path}: not a readable checkpoint: {exc}") from None
+    state = read_tensor_file(path, InputError, "checkpoint", "not a readable checkpoint: ")
     if not isinstance(state, dict) or not {"student", "teacher", "step"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of `ssod train` (needs student, teacher and step)")
     return state
