@@ -77,8 +77,9 @@ class Run:
             self.output.append(line)
             self.lines.put(line)
 
-    def wait_for_step(self, step: int, timeout: float = 600) -> float:
-        """Block until the console shows student step >= `step`; returns when it did (monotonic seconds)."""
+    def wait_for_step(self, step: int, timeout: float = 600, exact: bool = False) -> float:
+        """Block until the console shows student step >= `step` (or, `exact`, that step itself: a step
+        seen again after a restore); returns when it did (monotonic seconds)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -87,7 +88,7 @@ class Run:
                 assert self.proc.poll() is None, "".join(self.output[-40:])
                 continue
             seen = STEP_LINE.search(line)  # rank 0's console line, relayed with a "(RayTrainWorker pid=..)" prefix
-            if seen and int(seen.group(1)) >= step:
+            if seen and (int(seen.group(1)) == step if exact else int(seen.group(1)) >= step):
                 return time.monotonic()
         raise AssertionError(f"no step {step} in {timeout} s:\n" + "".join(self.output[-40:]))
 
@@ -126,7 +127,7 @@ def test_a_killed_labeler_and_a_killed_train_worker_are_survived_and_counted(pre
     run.wait_for_step(18)
     run.kill("RayTrainWorker")
     killed = time.monotonic()
-    run.wait_for_step(17)  # the first step after the restore from step 16
+    run.wait_for_step(17, exact=True)  # step 17 again: the first step after the restore from step 16
     recovered = time.monotonic() - killed
     assert run.finish() == 0, "".join(run.output[-60:])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

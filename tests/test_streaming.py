@@ -51,7 +51,8 @@ def test_credit_gate_waits_while_labelers_run_a_window_ahead_then_counts_the_tim
 def test_a_restarted_worker_group_starts_with_fresh_credit_and_no_teacher():
     store = WeightStore()
     asyncio.run(store.acquire(8, window=4, timeout_s=0.01))
-    store._version = 45  # the last attempt published at step 45, then a worker died
+    store.begin_attempt()  # the first worker group
+    store._version = 45  # it published at step 45, then a worker died
     store.begin_attempt()
     assert store.version() == NO_VERSION
     counters = store.counters()
@@ -62,16 +63,27 @@ def test_a_restarted_worker_group_starts_with_fresh_credit_and_no_teacher():
 
 def test_a_restarted_labeler_is_counted_and_its_batches_are_lost_until_a_retry_labels_them():
     store = WeightStore()
-    store.labeler_started("actor-a")
-    store.labeler_started("actor-b")
+    store.begin_attempt()
+    assert store.labeler_started("actor-a") == store.labeler_started("actor-b") == 1
     for actor, batch, rows in (("actor-a", "img1+2", 2), ("actor-a", "img3+2", 2), ("actor-b", "img5+2", 2)):
         asyncio.run(store.acquire(rows, window=100, timeout_s=0.01, actor_id=actor, batch=batch))
     store.delivered("actor-a", "img1+2")
     store.labeler_started("actor-a")  # killed with img3 in flight; Ray restarted it under its id
     assert (store.counters()["labeler_restarts"], store.counters()["pseudo_rows_lost"]) == (1, 2)
+    assert store.counters()["produced"] == 4  # the lost batch's credit came back
     asyncio.run(store.acquire(2, window=100, timeout_s=0.01, actor_id="actor-a", batch="img3+2"))  # the retry
     assert (store.counters()["labeler_restarts"], store.counters()["pseudo_rows_lost"]) == (1, 0)
     assert store.counters()["worker_restarts"] == 0
+
+
+def test_a_labeler_of_a_finished_attempt_is_let_through_uncounted():
+    store = WeightStore()
+    store.begin_attempt()
+    old = store.labeler_started("actor-old")
+    store.begin_attempt()  # a train worker died; the old streams are winding down
+    assert asyncio.run(store.acquire(50, window=4, timeout_s=5.0, actor_id="actor-old", batch="b+50", attempt=old))
+    counters = store.counters()
+    assert (counters["produced"], counters["gate_timeouts"], counters["worker_restarts"]) == (0, 0, 1)
 
 
 def test_credit_window_covers_what_is_in_flight_and_the_staleness_budget():

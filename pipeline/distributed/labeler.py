@@ -94,7 +94,7 @@ class TeacherLabeler:
         self.model = build_detector(num_classes, **cfg.model.model_dump(), init_weights=False).to(self.device).eval()
         self.store = ray.get_actor(store_name)
         self.actor_id = ray.get_runtime_context().get_actor_id()
-        ray.get(self.store.labeler_started.remote(self.actor_id))
+        self.attempt = ray.get(self.store.labeler_started.remote(self.actor_id))
         self.version, self.batches, self.wait_timeout_s = NO_VERSION, 0, wait_timeout_s
         auto = cfg.ssl.score_threshold == "auto"  # until the first fit arrives with the weights: the floor
         self.threshold: Threshold = cfg.ssl.threshold_floor if auto else cfg.ssl.score_threshold
@@ -118,7 +118,7 @@ class TeacherLabeler:
     def __call__(self, batch: Batch) -> Batch:
         rows = len(batch["image_id"])
         key = f"{batch['image_id'][0]}+{rows}" if rows else ""  # a retry of this batch has the same key
-        ray.get(self.store.acquire.remote(rows, self.window, GATE_TIMEOUT_S, self.actor_id, key))
+        ray.get(self.store.acquire.remote(rows, self.window, GATE_TIMEOUT_S, self.actor_id, key, self.attempt))
         self._refresh_weights()
         self.batches += 1
         started = time.perf_counter()

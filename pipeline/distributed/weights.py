@@ -29,11 +29,12 @@ class WeightStore:
     """The store's logic; `TeacherWeightStore` is this class as a Ray actor."""
 
     def __init__(self) -> None:
-        self._gate_timeouts = self._attempts = self._labeler_restarts = 0
+        self._gate_timeouts = self._labeler_restarts = 0
+        self._attempt = 0  # worker groups started so far (`begin_attempt`)
         self._skipped = Skipped()  # damaged parts of the unlabeled pool, from the preflight, readers and labelers
         self._labelers: dict[str, dict[str, int]] = {}  # actor id -> its batches in flight (key -> rows)
         self._lost: dict[str, int] = {}  # batches a dead labeler held, until a retry labels them again
-        self.begin_attempt()
+        self._fresh_attempt()
 
     def begin_attempt(self) -> None:
         """A (re)started worker group: its teacher versions and its labelers' credit start afresh.
@@ -42,12 +43,16 @@ class WeightStore:
         streams with new labelers: the last attempt's newer version would win over every new publish, and
         its produced/consumed counts would make every labeler wait out the gate.
         """
+        self._attempt += 1
+        self._fresh_attempt()
+
+    def _fresh_attempt(self) -> None:
         self._version = NO_VERSION
         self._state_ref: ray.ObjectRef | None = None
         self._thresholds: list[float] | None = None
         self._published_at = 0.0
         self._produced = self._consumed = 0
-        self._attempts += 1
+        self._labelers = {actor: {} for actor in self._labelers}  # the last attempt's batches reach no trainer
 
     def publish(self, version: int, state: dict[str, torch.Tensor], thresholds: list[float] | None = None) -> int:
         """Store a teacher taken at student step `version` (with its per-class thresholds, if adaptive);
@@ -60,26 +65,41 @@ class WeightStore:
     def version(self) -> int:
         return self._version
 
-    def labeler_started(self, actor_id: str) -> None:
-        """Called by every labeler as it starts: an id seen before is an actor Ray restarted."""
+    def labeler_started(self, actor_id: str) -> int:
+        """Called by every labeler as it starts: an id seen before is an actor Ray restarted. Returns the
+        worker-group attempt the labeler serves."""
         if actor_id in self._labelers:
             self._labeler_restarts += 1
-            self._lost.update(self._labelers[actor_id])
+            held = self._labelers[actor_id]
+            self._lost.update(held)
+            self._produced -= sum(held.values())  # their credit comes back: a retry asks for it again
         self._labelers[actor_id] = {}
+        return self._attempt
 
     def delivered(self, actor_id: str, batch: str) -> None:
         self._labelers.get(actor_id, {}).pop(batch, None)
 
     async def acquire(
-        self, rows: int, window: int, timeout_s: float, actor_id: str | None = None, batch: str | None = None
+        self,
+        rows: int,
+        window: int,
+        timeout_s: float,
+        actor_id: str | None = None,
+        batch: str | None = None,
+        attempt: int | None = None,
     ) -> bool:
         """A labeler asks to label `rows` more (the batch `batch`); waits while that would run more than
-        `window` ahead."""
+        `window` ahead. A labeler of an earlier attempt's streams, still winding down, is let through
+        uncounted: its rows reach no trainer."""
+        if attempt is not None and attempt != self._attempt:
+            return True
         if actor_id is not None:
             self._labelers.setdefault(actor_id, {})[batch] = rows
             self._lost.pop(batch, None)  # a retried batch is labelled after all
         deadline = time.monotonic() + timeout_s
         while self._produced + rows - self._consumed > window and time.monotonic() < deadline:
+            if attempt is not None and attempt != self._attempt:
+                return True
             await asyncio.sleep(0.05)
         granted = self._produced + rows - self._consumed <= window
         self._gate_timeouts += int(not granted)
@@ -100,7 +120,7 @@ class WeightStore:
             "produced": self._produced,
             "consumed": self._consumed,
             "gate_timeouts": self._gate_timeouts,
-            "worker_restarts": self._attempts - 1,
+            "worker_restarts": max(self._attempt - 1, 0),
             "labeler_restarts": self._labeler_restarts,
             "pseudo_rows_lost": sum(self._lost.values()),
         }
