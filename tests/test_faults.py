@@ -25,10 +25,10 @@ pytestmark = pytest.mark.slow  # three Ray runs
 STEP_LINE = re.compile(r'\{"step": (\d+)')
 FAULT_RUN = [
     "train.backend=ray",
-    "train.steps=24",
-    "ssl.burn_in_steps=6",
-    "train.checkpoint_period=8",
-    "train.eval_period=24",
+    "train.steps=20",
+    "ssl.burn_in_steps=4",
+    "train.checkpoint_period=6",
+    "train.eval_period=20",
     "train.log_period=1",
     "ray.max_failures=1",
 ]
@@ -122,12 +122,12 @@ def _config(prepared: Path, tmp_path: Path, *overrides: str) -> Path:
 def test_a_killed_labeler_and_a_killed_train_worker_are_survived_and_counted(prepared, tmp_path, runs):
     run = Run(_config(prepared, tmp_path))
     runs.append(run)
-    run.wait_for_step(9)  # mutual learning: the labeler is streaming
+    run.wait_for_step(7)  # mutual learning: the labeler is streaming
     run.kill("TeacherLabeler")
-    run.wait_for_step(18)
+    run.wait_for_step(14)
     run.kill("RayTrainWorker")
     killed = time.monotonic()
-    run.wait_for_step(17, exact=True)  # step 17 again: the first step after the restore from step 16
+    run.wait_for_step(13, exact=True)  # step 13 again: the first step after the restore from step 12
     recovered = time.monotonic() - killed
     assert run.finish() == 0, "".join(run.output[-60:])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -145,8 +145,8 @@ def test_a_killed_labeler_and_a_killed_train_worker_are_survived_and_counted(pre
             )
         },
     )
-    assert metrics["steps"] == 24 and metrics["stop_reason"] is None
-    assert metrics["worker_restarts"] == 1 and metrics["resumed_from_step"] == 16  # 2 steps redone
+    assert metrics["steps"] == 20 and metrics["stop_reason"] is None
+    assert metrics["worker_restarts"] == 1 and metrics["resumed_from_step"] == 12  # 2 steps redone
     assert metrics["labeler_restarts"] >= 1
     assert metrics["pseudo_rows_lost"] == 0  # Ray Data retried the dead labeler's batch on its restart
     assert metrics["gate_timeouts"] == 0, "the labelers waited out the credit gate after the restart"
@@ -154,10 +154,10 @@ def test_a_killed_labeler_and_a_killed_train_worker_are_survived_and_counted(pre
 
 
 def test_a_stopped_driver_exits_cleanly_and_the_same_command_resumes(prepared, tmp_path, runs):
-    config = _config(prepared, tmp_path, "train.steps=12")
+    config = _config(prepared, tmp_path, "train.steps=8")
     run = Run(config)
     runs.append(run)
-    run.wait_for_step(10)
+    run.wait_for_step(7)
     ray_processes = _process_tree(run.proc.pid)
     stopped = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
@@ -171,4 +171,4 @@ def test_a_stopped_driver_exits_cleanly_and_the_same_command_resumes(prepared, t
     runs.append(resumed)
     assert resumed.finish() == 0, "".join(resumed.output[-60:])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] == 8 and metrics["steps"] == 12
+    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 8

@@ -5,8 +5,12 @@ weight store.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +65,8 @@ def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | N
         ),
     )
     try:
-        result = trainer.fit()
+        with _sigterm_aborts_the_run():
+            result = trainer.fit()
     except Exception as exc:  # an InputError in a worker arrives wrapped in Ray's errors: say it in one line
         cause = find_input_error(exc)
         if cause is None:
@@ -72,6 +77,30 @@ def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | N
     metrics = json.loads(result.metrics["metrics_json"])
     write_metrics(run_dir, metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def _sigterm_aborts_the_run() -> Iterator[None]:
+    """SIGTERM stops the run the way Ctrl-C does: Ray Train's own SIGINT handler (set while `fit` runs) aborts
+    the worker group, then the CLI exits 130. (`ray.init` had replaced our SIGTERM handler with a bare exit,
+    which took the driver down mid-call: SIGABRT.)"""
+    if threading.current_thread() is not threading.main_thread():  # under Tune: its own handling
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        try:
+            abort = signal.getsignal(signal.SIGINT)
+            if callable(abort):
+                abort(signal.SIGINT, frame)
+        finally:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _latest_checkpoint(experiment: Path) -> Path | None:
