@@ -3,15 +3,14 @@
     python bench/scale.py --sizes 10000 100000 --steps 10 --burn-in 3 --labelers 1 2
 
 Pool: `synth` + `prepare` make a small prepared set (its labeled and val splits are used as they are); its
-unlabeled rows, as `--side` px JPEG (boxes scaled), are repeated into `size` rows with unique ids and names,
-in the shards `ssod prepare` writes (ROW_SCHEMA, 256 rows, row groups of 16), listed in split.json
-(unlabeled_annotations.json stays empty: training does not read it). Shards are renamed into place and kept, so
-a rerun reuses the pool. Each size runs `python -m pipeline.cli train` on Ray (tiny model) as a child with its
-own Ray temp dir; /proc is sampled every second for that run's processes: VmHWM of the driver, of the
-...TeacherLabeler... and ...RayTrainWorker... processes, the peak of all their PSS summed; the raylet gives the
-object store's use and spilling (`ray memory --stats-only`). The first pseudo-labelled batch is timed by the
-rank-0 sink's console lines and `pseudo_wait_seconds`; `check_run` on its own. Labelers 1 -> 2: the training's
-unlabeled stream (reads, 1-CPU actors, strong views), no trainer, `--label-images` rows, steady images/s.
+unlabeled rows, as `--side` px JPEG (boxes scaled), are repeated into `size` rows with unique ids and names, in
+shards as `ssod prepare` writes them (ROW_SCHEMA, 256 rows, row groups of 16), listed in split.json (only
+unlabeled_annotations.json, which training does not read, stays empty); shards are renamed into place and a
+rerun reuses them. Each size runs `python -m pipeline.cli train` on Ray (tiny model) as a child with its own Ray
+temp dir, whose processes are sampled every second (/proc: VmHWM of the driver, ...TeacherLabeler... and
+...RayTrainWorker... processes, the peak of their summed PSS; the raylet's object store use and spilling). The
+first pseudo-labelled batch is timed by the rank-0 sink's console lines and `pseudo_wait_seconds`; `check_run`
+on its own. Labelers 1 -> 2: the training's unlabeled stream, no trainer, `--label-images` rows, steady images/s.
 """
 
 from __future__ import annotations
@@ -100,15 +99,13 @@ def build_pool(root: Path, base: Path, size: int, side: int) -> tuple[Path, floa
             table = pa.Table.from_pylist(rows, schema=schema.ROW_SCHEMA)
             pq.write_table(table, path.with_suffix(".tmp"), row_group_size=ROW_GROUP_SIZE)
             os.replace(path.with_suffix(".tmp"), path)
-    split = json.loads((base / schema.SPLIT_FILE).read_text())
     write_json(out / schema.UNLABELED_GT_FILE, {"images": [], "annotations": [], "categories": []})
-    ids = list(range(FIRST_POOL_ID, FIRST_POOL_ID + size))
+    split, ids = json.loads((base / schema.SPLIT_FILE).read_text()), list(range(FIRST_POOL_ID, FIRST_POOL_ID + size))
     write_json(out / schema.SPLIT_FILE, {**split, "unlabeled": ids, "num_unlabeled": size})  # last: complete
     return out, time.perf_counter() - started
 
 
-def _proc(pid: int) -> tuple[int, str] | None:
-    """ppid and command line (Ray's process title)."""
+def _proc(pid: int) -> tuple[int, str] | None:  # ppid, command line (Ray's process title)
     try:
         stat, cmd = Path(f"/proc/{pid}/stat").read_text(), Path(f"/proc/{pid}/cmdline").read_bytes()
         return int(stat.rsplit(")", 1)[1].split()[1]), cmd.replace(b"\0", b" ").decode(errors="replace").strip()
@@ -116,8 +113,7 @@ def _proc(pid: int) -> tuple[int, str] | None:
         return None
 
 
-def _memory_mb(pid: int) -> dict[str, float]:
-    """VmHWM (peak RSS) and Pss (RSS with shared pages split between their users)."""
+def _memory_mb(pid: int) -> dict[str, float]:  # VmHWM (peak RSS), Pss (shared pages split between their users)
     try:
         text = Path(f"/proc/{pid}/status").read_text() + Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
@@ -133,7 +129,7 @@ class Sampler(threading.Thread):
     def __init__(self, tag: str, driver: int):
         super().__init__(daemon=True)
         self.tag, self.driver, self.done = tag, driver, threading.Event()
-        self.peak_mb, self.roles, self.titles = defaultdict(float), {}, set()
+        self.peak_mb, self.roles = defaultdict(float), {}
         self.store = {"store_peak_mb": 0.0, "spilled_mb": 0.0, "spilled_objects": 0, "samples": 0}
         self.raylet, self.ticks = None, 0
 
@@ -156,8 +152,6 @@ class Sampler(threading.Thread):
             role = self.roles[pid] = role or ("trainer" if "RayTrainWorker" in cmd else self.roles.get(pid, "other"))
             self.peak_mb[role] = max(self.peak_mb[role], mb.get("VmHWM", 0.0))
             total += mb.get("Pss", 0.0)
-            if cmd.startswith("ray::"):
-                self.titles.add(cmd[:90])
         self.peak_mb["all PSS"] = max(self.peak_mb["all PSS"], total)
         self.ticks += 1
         if self.ticks % 2 == 0:
@@ -183,21 +177,23 @@ class Sampler(threading.Thread):
 def run_train(args: argparse.Namespace, prepared: Path, size: int) -> dict:
     """`ssod train` on Ray into a fresh run directory, sampled while it runs."""
     tag, run_dir, steps = f"/tmp/ssod_scale_{os.getpid()}_{size}", Path(args.root) / "runs" / str(size), args.steps
-    for path in (run_dir, Path(tag)):
-        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     overrides = [*TINY, f"data.prepared={prepared}", f"ssl.burn_in_steps={args.burn_in}", *args.overrides]
     overrides += [f"train.{key}={args.burn_in + steps}" for key in ("steps", "eval_period", "checkpoint_period")]
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", args.config, "--output", str(run_dir)]
     cmd += [part for o in overrides for part in ("--set", o)]
     env = {**os.environ, "RAY_TMPDIR": tag, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
-    started, burn_in_end, first, wait = time.perf_counter(), None, None, None
+    started, burn_in_end, first, wait, timed_out = time.perf_counter(), None, None, None, False
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     (sampler := Sampler(tag, proc.pid)).start()
     with open(run_dir / "console.log", "w") as log:
         for line in proc.stdout:
             now = time.perf_counter() - started
             log.write(f"{now:8.2f} {line}")
+            if first is None and burn_in_end is not None and now - burn_in_end > args.timeout:
+                proc.terminate()  # the first-batch figures become lower bounds
+                first, wait, timed_out = now, now - burn_in_end, True
             try:  # the sink's JSON lines, behind Ray's "(RayTrainWorker pid=...)" prefix
                 record = json.loads(line[line.index('{"step"') :])
             except ValueError:
@@ -210,8 +206,9 @@ def run_train(args: argparse.Namespace, prepared: Path, size: int) -> dict:
     sampler.done.set()
     sampler.join()
     shutil.rmtree(tag, ignore_errors=True)
-    if rc != 0 or first is None:
+    if first is None or (rc != 0 and not timed_out):
         sys.exit(f"ssod train on the {size} pool failed (rc {rc}); see {run_dir / 'console.log'}")
+    metrics = {} if timed_out else json.loads((run_dir / "metrics.json").read_text())
     return {
         **{f"peak RSS {role} (MB)": sampler.peak_mb[role] for role in ("driver", "labeler", "trainer", "other")},
         "peak PSS, all processes (MB)": sampler.peak_mb["all PSS"],
@@ -221,8 +218,8 @@ def run_train(args: argparse.Namespace, prepared: Path, size: int) -> dict:
         "first pseudo batch after burn-in (s)": first - burn_in_end,
         "pseudo_wait_seconds at first batch": wait,
         "run wall time (s)": wall,
-        "metrics": {k: v for k, v in json.loads((run_dir / "metrics.json").read_text()).items() if k in KEPT},
-        "sampling": {**sampler.store, "ray process titles": sorted(sampler.titles)},
+        "metrics": {"timed out": timed_out, **{k: v for k, v in metrics.items() if k in KEPT}},
+        "sampling": sampler.store,
     }
 
 
@@ -230,8 +227,8 @@ def label_rates(args: argparse.Namespace, prepared: Path) -> dict[int, dict]:
     """The training's unlabeled stream with 1, 2, ... labeler actors (1 CPU each) and no trainer."""
     base = load_config(args.config, [*TINY, f"data.prepared={prepared}", *args.overrides])
     groups, _ = row_groups(prepared / schema.UNLABELED_DIR)
-    n = next(i for i in range(1, len(groups) + 1) if sum(g.rows for g in groups[:i]) >= args.label_images)
-    inputs = RunInputs(len(json.loads((prepared / schema.CATEGORIES_FILE).read_text())), 0, pool=groups[:n])
+    groups = groups[: -(-args.label_images // ROW_GROUP_SIZE)]  # the pool's row groups are all of this size
+    inputs = RunInputs(len(json.loads((prepared / schema.CATEGORIES_FILE).read_text())), 0, pool=groups)
     _, teacher = build_student_teacher(base, inputs.num_classes, torch.device("cpu"))
     tag, rates = f"/tmp/ssod_scale_{os.getpid()}_label", {}
     ray.init(num_cpus=max(args.labelers) + 2, include_dashboard=False, log_to_driver=False, _temp_dir=tag)
@@ -260,6 +257,7 @@ def main() -> None:
     parser.add_argument("--burn-in", type=int, default=3)
     parser.add_argument("--labelers", type=int, nargs="*", default=[1, 2], help="actor counts (none: skip)")
     parser.add_argument("--label-images", type=int, default=240)
+    parser.add_argument("--timeout", type=float, default=900, help="s after burn-in to wait for a pseudo batch")
     parser.add_argument("--side", type=int, default=64, help="pool images are side x side px")
     parser.add_argument("--root", default="bench/results/scale_data", help="work dir (pools, runs)")
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -278,6 +276,8 @@ def main() -> None:
         results[size].update(run_train(args, prepared, size))
     rates = label_rates(args, root / f"pool_{min(args.sizes)}_{args.side}px") if args.labelers else {}
     small, large = min(args.sizes), max(args.sizes)
+    if timed := [s for s in args.sizes if results[s]["metrics"]["timed out"]]:
+        print(f"\n{timed}: no pseudo batch {args.timeout:g} s after burn-in; the first-batch figures are lower bounds")
     print(f"\n{'figure':42s}" + "".join(f"{s:>10d}" for s in args.sizes) + f"{'ratio':>8s}")
     for name, first in results[small].items():
         if isinstance(first, (int, float)):
