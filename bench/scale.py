@@ -113,9 +113,9 @@ def _proc(pid: int) -> tuple[int, str] | None:  # ppid, command line (Ray's proc
         return None
 
 
-def _memory_mb(pid: int) -> dict[str, float]:  # VmHWM (peak RSS), Pss (shared pages split between their users)
+def _memory_mb(pid: int, pss: bool) -> dict[str, float]:  # VmHWM (peak RSS); Pss (shared pages split) if asked
     try:
-        text = Path(f"/proc/{pid}/status").read_text() + Path(f"/proc/{pid}/smaps_rollup").read_text()
+        text = Path(f"/proc/{pid}/status").read_text() + (Path(f"/proc/{pid}/smaps_rollup").read_text() if pss else "")
     except OSError:
         return {}
     lines = (line.split(":", 1) for line in text.splitlines() if line.startswith(("VmHWM", "Pss:")))
@@ -140,20 +140,19 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         procs = {int(p): info for p in os.listdir("/proc") if p.isdigit() and (info := _proc(int(p)))}
         roots = {pid for pid, info in procs.items() if self.tag in info[1]} | {self.driver}
-        total = 0.0
+        total, self.ticks = 0.0, self.ticks + 1
         for pid, (_, cmd) in procs.items():
             ancestor, depth = pid, 0
             while ancestor not in roots and ancestor in procs and depth < 6:
                 ancestor, depth = procs[ancestor][0], depth + 1
             if ancestor not in roots:
                 continue
-            mb = _memory_mb(pid)
+            mb = _memory_mb(pid, pss=self.ticks % 5 == 0)  # smaps_rollup is costly: PSS every 5 s
             role = "driver" if pid == self.driver else "labeler" if "TeacherLabeler" in cmd else None
             role = self.roles[pid] = role or ("trainer" if "RayTrainWorker" in cmd else self.roles.get(pid, "other"))
             self.peak_mb[role] = max(self.peak_mb[role], mb.get("VmHWM", 0.0))
             total += mb.get("Pss", 0.0)
         self.peak_mb["all PSS"] = max(self.peak_mb["all PSS"], total)
-        self.ticks += 1
         if self.ticks % 2 == 0:
             self._object_store(procs, roots)
 
