@@ -85,15 +85,16 @@ def _labeler_batch_bytes(cfg: Config, pool: list[RowGroup]) -> int:
     return max(int(per_row * cfg.ray.labeler_batch_size), 1024)
 
 
-def read_pool(pool: list[RowGroup], weights_store: str) -> ray.data.Dataset:
-    """The readable row groups of the unlabeled pool as rows of `schema.ROW_SCHEMA`, one read task per shard."""
+def read_pool(pool: list[RowGroup], weights_store: str, passes: int = 1) -> ray.data.Dataset:
+    """`passes` passes over the readable row groups of the unlabeled pool as rows of `schema.ROW_SCHEMA`, one read
+    task per shard and pass, all of them in one read operator (see `_unlabeled_stream`)."""
     by_shard: dict[str, list[RowGroup]] = defaultdict(list)
     for group in pool:
         by_shard[group.path].append(group)
     items = [
         {"path": path, "row_groups": [g.index for g in groups], "rows": [g.rows for g in groups]}
         for path, groups in by_shard.items()
-    ]
+    ] * passes
     return ray.data.from_items(items, override_num_blocks=max(len(items), 1)).map_batches(
         _read_shard, batch_size=1, num_cpus=READ_TASK_CPUS, fn_kwargs={"weights_store": weights_store}
     )
@@ -111,27 +112,27 @@ def _read_shard(batch: dict[str, np.ndarray], weights_store: str) -> Iterator[pa
 
 def _unlabeled_stream(cfg: Config, inputs: RunInputs, weights_store: str) -> ray.data.Dataset:
     r = cfg.ray
-    parts, pool_size = ([read_pool(inputs.pool, weights_store)] if inputs.pool else []), inputs.pool_rows
-    if cfg.data.unlabeled_folder:  # the preflight refused a run with neither
-        extra = read_image_folder(cfg.data.unlabeled_folder)
-        parts, pool_size = [*parts, extra], pool_size + extra.count()
+    folder = read_image_folder(cfg.data.unlabeled_folder) if cfg.data.unlabeled_folder else None
+    passes = _unlabeled_passes(cfg, inputs.pool_rows + (folder.count() if folder is not None else 0))
+    # The shards' passes are one read operator, not a union of passes: Ray Data reserves each read operator a
+    # whole read CPU of the stream's budget (resources.py), so two passes took all of it and the strong views
+    # ran only once both had read the whole pool (10k images: the first pseudo batch 11 minutes after burn-in).
+    parts = [read_pool(inputs.pool, weights_store, passes)] if inputs.pool else []
+    if folder is not None:  # the preflight refused a run with neither
+        parts.append(_passes(folder, passes))
     pool = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return (
-        _passes(pool, _unlabeled_passes(cfg, pool_size))
-        .map_batches(
-            TeacherLabeler,
-            fn_constructor_kwargs={
-                "config": cfg.model_dump(),
-                "num_classes": inputs.num_classes,
-                "store_name": weights_store,
-            },
-            compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
-            batch_size=r.labeler_batch_size,
-            num_cpus=r.cpus_per_labeler,
-            num_gpus=r.gpus_per_labeler,
-        )
-        .map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=VIEW_TASK_CPUS)
-    )
+    return pool.map_batches(
+        TeacherLabeler,
+        fn_constructor_kwargs={
+            "config": cfg.model_dump(),
+            "num_classes": inputs.num_classes,
+            "store_name": weights_store,
+        },
+        compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
+        batch_size=r.labeler_batch_size,
+        num_cpus=r.cpus_per_labeler,
+        num_gpus=r.gpus_per_labeler,
+    ).map_batches(add_strong_views, batch_size=r.labeler_batch_size, num_cpus=VIEW_TASK_CPUS)
 
 
 def data_config(plan: ResourcePlan) -> ray.train.DataConfig:
