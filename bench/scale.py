@@ -4,13 +4,13 @@
 
 Pool: `synth` + `prepare` make a small prepared set (its labeled and val splits are used as they are); its
 unlabeled rows, as `--side` px JPEG (boxes scaled), are repeated into `size` rows with unique ids and names, in
-shards as `ssod prepare` writes them (ROW_SCHEMA, 256 rows, row groups of 16), listed in split.json (only
-unlabeled_annotations.json, which training does not read, stays empty); shards are renamed into place and a
-rerun reuses them. Each size runs `python -m pipeline.cli train` on Ray (tiny model) as a child with its own Ray
-temp dir, whose processes are sampled every second (/proc: VmHWM of the driver, ...TeacherLabeler... and
-...RayTrainWorker... processes, the peak of their summed PSS; the raylet's object store use and spilling). The
-first pseudo-labelled batch is timed by the rank-0 sink's console lines and `pseudo_wait_seconds`; `check_run`
-on its own. Labelers 1 -> 2: the training's unlabeled stream, no trainer, `--label-images` rows, steady images/s.
+shards as `ssod prepare` writes them (ROW_SCHEMA, 256 rows, row groups of 16) listed in split.json (training
+does not read unlabeled_annotations.json: it stays empty); a rerun reuses the shards. Each size runs `python -m
+pipeline.cli train` on Ray (tiny model) as a child with its own Ray temp dir, whose processes are sampled each
+second (/proc: VmHWM of the driver, ...TeacherLabeler... and ...RayTrainWorker... processes, their summed PSS;
+the raylet's object store use and spilling); the first pseudo-labelled batch is timed by the rank-0 sink's
+console lines and `pseudo_wait_seconds`, `check_run` on its own. Labelers 1 -> 2: the training's unlabeled
+stream, no trainer, 1-CPU actors (Ray Data fuses the reads into them), `--label-images` rows, steady images/s.
 """
 
 from __future__ import annotations
@@ -273,7 +273,9 @@ def main() -> None:
         check_run(load_config(args.config, [*TINY, f"data.prepared={prepared}", f"train.output_dir={root}/preflight"]))
         results[size] = {"preflight check_run (s)": time.perf_counter() - started}
         results[size].update(run_train(args, prepared, size))
-    rates = label_rates(args, root / f"pool_{min(args.sizes)}_{args.side}px") if args.labelers else {}
+    report = {"args": vars(args), "generation_s": generation, "runs": results, "labelers": {}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))  # before the labelers' own Ray starts
     small, large = min(args.sizes), max(args.sizes)
     if timed := [s for s in args.sizes if results[s]["metrics"]["timed out"]]:
         print(f"\n{timed}: no pseudo batch {args.timeout:g} s after burn-in; the first-batch figures are lower bounds")
@@ -283,15 +285,14 @@ def main() -> None:
             ratio = results[large][name] / first if first else float("nan")
             flag = "  > 1.2x" if ratio > 1.2 else ""
             print(f"{name:42s}" + "".join(f"{results[s][name]:10.2f}" for s in args.sizes) + f"{ratio:8.2f}{flag}")
-    if rates:
+    if rates := label_rates(args, root / f"pool_{small}_{args.side}px") if args.labelers else {}:
         print(f"\nlabelers on the {small} pool, {args.label_images} images, 1 CPU per actor, {CORES} cores:")
         for actors, rate in rates.items():
             print(f"  {actors} actor(s): " + ", ".join(f"{k} {v:.2f}" for k, v in rate.items()))
         one, many = rates[min(rates)]["steady images/s"], rates[max(rates)]["steady images/s"]
         print(f"  steady ratio {max(rates)}/{min(rates)} actors: {many / one:.2f}x (goal >= 1.8x)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    report = {"args": vars(args), "generation_s": generation, "runs": results, "labelers": rates}
-    Path(args.out).write_text(json.dumps(report, indent=1))
+        report["labelers"] = rates
+        Path(args.out).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
