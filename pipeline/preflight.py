@@ -16,7 +16,7 @@ from pipeline.config import Config, tracking_uri
 from pipeline.data.readers import load_categories, load_split
 from pipeline.data.rows import require_segmentations
 from pipeline.data.schema import LABELED_DIR, SPLIT_FILE, UNLABELED_DIR, VAL_DIR
-from pipeline.data.shards import READ_ERRORS, RowGroup, Skipped, error_reason, read_group, row_groups, whole_tables
+from pipeline.data.shards import RowGroup, Skipped, row_groups, whole_tables
 from pipeline.errors import InputError
 from pipeline.evaluation.evaluator import load_val_set
 from pipeline.paths import writable_dir
@@ -71,22 +71,17 @@ def _check_labeled(prepared: Path, split: dict, num_classes: int) -> int:
         raise InputError(
             f"{directory}: label {outside[-1]} is outside 1..{num_classes} of categories.json; run `ssod prepare` again"
         )
-    _same_ids(prepared, LABELED_DIR, split[LABELED_DIR], ids, complete=True)
+    _same_ids(prepared, LABELED_DIR, split[LABELED_DIR], ids)
     return len(ids)
 
 
 def _check_pool(prepared: Path, split: dict, cfg: Config, inputs: RunInputs) -> None:
+    """Footers only: the pool may hold millions of rows, so its ids are counted, not read. A row group that
+    turns out damaged when streamed is skipped and counted then, by the readers."""
     directory = prepared / UNLABELED_DIR
-    groups, unreadable = row_groups(directory)
+    inputs.pool, unreadable = row_groups(directory)
     for name, reason in unreadable.items():
         inputs.skipped.add(f"{name} (rows unknown)", 0, reason)
-    ids: list[int] = []
-    for group in groups:
-        try:
-            ids += read_group(group, ["image_id"]).column("image_id").to_pylist()
-            inputs.pool.append(group)
-        except READ_ERRORS as exc:
-            inputs.skipped.add(group.name, group.rows, error_reason(exc))
     folder = cfg.train.backend == "ray" and cfg.data.unlabeled_folder  # the local runner reads no folder
     if not inputs.pool_rows and not folder:
         damaged = " (every shard of it is corrupt)" if inputs.skipped.parts else ""
@@ -94,13 +89,17 @@ def _check_pool(prepared: Path, split: dict, cfg: Config, inputs: RunInputs) -> 
             f"{directory}: the unlabeled pool is empty{damaged}; mutual learning needs unlabeled "
             "images: prepare with a lower --percent or with --unlabeled-images"
         )
-    _same_ids(prepared, UNLABELED_DIR, split[UNLABELED_DIR], ids, complete=not inputs.skipped.parts)
+    listed = len(split[UNLABELED_DIR])
+    if not unreadable and inputs.pool_rows != listed:
+        raise InputError(
+            f"{prepared / SPLIT_FILE}: it lists {listed} '{UNLABELED_DIR}' ids but the {UNLABELED_DIR} shards "
+            f"hold {inputs.pool_rows} rows; run `ssod prepare` again"
+        )
 
 
-def _same_ids(prepared: Path, split_name: str, listed: list[int], found: list[int], complete: bool) -> None:
-    """split.json and the shards must name the same images (ids in damaged row groups are unknown)."""
-    extra = sorted(set(found) - set(listed))
-    missing = sorted(set(listed) - set(found)) if complete else []
+def _same_ids(prepared: Path, split_name: str, listed: list[int], found: list[int]) -> None:
+    """split.json and the shards must name the same images."""
+    extra, missing = sorted(set(found) - set(listed)), sorted(set(listed) - set(found))
     if extra or missing:
         raise InputError(
             f"{prepared / SPLIT_FILE}: its '{split_name}' ids and the {split_name} shards disagree "

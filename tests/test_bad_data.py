@@ -121,6 +121,13 @@ REFUSED = {  # case -> (damage to a copy of the prepared set, extra overrides, w
         "split.json: its 'labeled' ids and the labeled shards disagree (1 listed but in no shard, 1 in a shard "
         "but not listed; first: 999999)",
     ),
+    "split_lists_fewer_unlabeled_ids_than_the_shards_hold": (
+        lambda p: edit_json(
+            p / "split.json", lambda s: s.update(num_unlabeled=len(s["unlabeled"]) - 1) or s["unlabeled"].pop()
+        ),
+        [],
+        "'unlabeled' ids but the unlabeled shards hold",
+    ),
     "val_annotations_missing": (
         lambda p: (p / schema.VAL_GT_FILE).unlink(),
         [],
@@ -185,7 +192,7 @@ def test_split_file_without_counts_still_trains(prepared, tmp_path):
 def test_corrupt_unlabeled_rows_are_skipped_and_counted(prepared, tmp_path):
     broken = copy_prepared(prepared, tmp_path / "p")
     shard = first_shard(broken / "unlabeled")
-    damage_row_group(shard)  # the image column: the preflight reads ids only, the run meets the damage
+    damage_row_group(shard)  # the preflight reads footers only: the run meets the damage
     metrics = train_local(tiny_config(broken, tmp_path / "run", "train.backend=local", "train.steps=6"))
     assert metrics["steps"] == 6 and metrics["stop_reason"] is None
     assert metrics["corrupt_rows_skipped"] == pq.ParquetFile(shard).metadata.row_group(0).num_rows
