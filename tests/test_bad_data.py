@@ -246,36 +246,6 @@ def test_skip_guard_judges_a_full_window_or_the_end_of_a_short_run():
     assert guard.verdict(6, 0.01, final=True) is None  # 2 of the last 4: at most half
 
 
-@pytest.mark.slow
-def test_ray_run_skips_and_counts_corrupt_unlabeled_rows_then_refuses_another_architecture(
-    ray_cluster, prepared, tmp_path
-):
-    broken = copy_prepared(prepared, tmp_path / "p")
-    shard = first_shard(broken / "unlabeled")
-    damage_row_group(shard)  # found by the Ray Data reader, not the preflight: counted in the weight store
-    cfg = tiny_config(
-        broken,
-        tmp_path / "run",
-        "train.steps=6",
-        "ssl.burn_in_steps=2",
-        "ray.cpus_per_worker=1",
-        "ray.cpus_per_labeler=0.5",
-        "ray.labeler_batch_size=1",
-        "ray.max_failures=0",
-    )
-    metrics = train(cfg) and json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["stop_reason"] is None and metrics["pseudo_labeled_images"] > 0
-    assert metrics["corrupt_rows_skipped"] == pq.ParquetFile(shard).metadata.row_group(0).num_rows
-    assert metrics["corrupt_parts_skipped"] == ["unlabeled/part-00000.parquet row group 0"]
-    # Resuming the same run directory as Mask R-CNN: refused on the driver, as the local runner refuses it.
-    message = error_of(train, cfg.with_overrides({"model.arch": "mask_rcnn"}))
-    assert message.endswith(
-        ".pt: its student does not fit this config (another model.arch, model.backbone or "
-        "set of classes?): " + message.split("set of classes?): ")[1]
-    )
-    assert "checkpoint" in message and "Traceback" not in message
-
-
 def test_input_error_inside_a_ray_worker_arrives_as_its_one_line():
     from ray.exceptions import RayTaskError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback

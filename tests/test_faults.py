@@ -1,5 +1,6 @@
-"""Faults as users meet them, injected by PID into a real `ssod train` on Ray: a labeler actor and a train
-worker killed with SIGKILL mid-run, and the driver stopped with SIGTERM then run again."""
+"""Faults as users meet them, injected into a real `ssod train` on Ray: a labeler actor and a train worker
+killed by PID with SIGKILL mid-run on a pool with a damaged shard, and the driver stopped with SIGTERM then
+run again."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+from badinput import assert_one_line_error, copy_prepared, damage_row_group, first_shard
 from conftest import ROOT, tiny_config
 
 from pipeline.config import dump_config
 
 pytestmark = pytest.mark.slow  # three Ray runs
 
+COUNTS = ("worker_restarts", "resumed_from_step", "labeler_restarts", "pseudo_rows_lost", "gate_timeouts")
 STEP_LINE = re.compile(r'\{"step": (\d+)')
 FAULT_RUN = [
     "train.backend=ray",
@@ -118,8 +122,12 @@ def _config(prepared: Path, tmp_path: Path, *overrides: str) -> Path:
     return path
 
 
-def test_a_killed_labeler_and_a_killed_train_worker_are_survived_and_counted(prepared, tmp_path, runs):
-    run = Run(_config(prepared, tmp_path))
+def test_a_killed_labeler_a_killed_train_worker_and_a_damaged_shard_are_survived_and_counted(prepared, tmp_path, runs):
+    damaged = copy_prepared(prepared, tmp_path / "p")
+    shard = first_shard(damaged / "unlabeled")
+    damage_row_group(shard)  # found by the Ray Data reader, not the preflight (it reads footers only)
+    config = _config(damaged, tmp_path)
+    run = Run(config)
     runs.append(run)
     run.wait_for_step(7)  # mutual learning: the labeler is streaming
     run.kill("TeacherLabeler")
@@ -131,17 +139,7 @@ def test_a_killed_labeler_and_a_killed_train_worker_are_survived_and_counted(pre
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     print(
         f"fault metrics: the run ended {finished:.0f} s after the worker was killed",
-        {
-            k: metrics[k]
-            for k in (
-                "worker_restarts",
-                "resumed_from_step",
-                "labeler_restarts",
-                "pseudo_rows_lost",
-                "gate_timeouts",
-                "pseudo_wait_seconds",
-            )
-        },
+        {k: metrics[k] for k in (*COUNTS, "pseudo_wait_seconds")},
     )
     assert metrics["steps"] == 20 and metrics["stop_reason"] is None
     # The console lags the worker by a few steps, so the kill lands past step 14: the restore is from the
@@ -150,6 +148,18 @@ def test_a_killed_labeler_and_a_killed_train_worker_are_survived_and_counted(pre
     assert metrics["labeler_restarts"] >= 1
     assert metrics["pseudo_rows_lost"] == 0  # Ray Data retried the dead labeler's batch on its restart
     assert metrics["gate_timeouts"] == 0, "the labelers waited out the credit gate after the restart"
+    assert metrics["corrupt_rows_skipped"] == pq.ParquetFile(shard).metadata.row_group(0).num_rows
+    assert metrics["corrupt_parts_skipped"] == ["unlabeled/part-00000.parquet row group 0"]
+
+    # The same run directory resumed as Mask R-CNN: refused on the driver, before Ray starts, in one line.
+    refused = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), "--set", "model.arch=mask_rcnn"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(refused, ".pt: its student does not fit this config (another model.arch")
 
 
 def test_a_stopped_driver_exits_cleanly_and_the_same_command_resumes(prepared, tmp_path, runs):

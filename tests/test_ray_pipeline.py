@@ -1,4 +1,4 @@
-"""The distributed pipeline on a real local Ray: 2 DDP train workers, 2 labeler actors, resume, refusal."""
+"""The distributed pipeline on a real local Ray: 2 DDP train workers, 2 labeler actors, refusal."""
 
 import json
 
@@ -27,7 +27,7 @@ RAY_SETTINGS = [
 
 
 @pytest.mark.slow
-def test_two_workers_two_labelers_bounded_staleness_and_resume(ray_cluster, prepared, tmp_path):
+def test_two_workers_two_labelers_bounded_staleness_and_one_schedule(ray_cluster, prepared, tmp_path):
     # Credit window: max(in flight 1 x (2 labelers + 1 + 2 x 2 workers), (6 - 2) x 2 rows) = 8 rows = 4 steps,
     # so the 10 mutual-learning steps must see teachers published after the first.
     cfg = tiny_config(prepared, tmp_path / "run", *RAY_SETTINGS, *PRETRAINED)  # frozen norms under DDP and EMA
@@ -43,14 +43,14 @@ def test_two_workers_two_labelers_bounded_staleness_and_resume(ray_cluster, prep
     assert list((tmp_path / "run" / "ray").rglob("checkpoint.pt")), "no checkpoint reported"
     assert (tmp_path / "run" / "checkpoint.pt").exists(), "the run directory has no checkpoint.pt"
 
-    # One schedule for both runners: the same config run locally evaluates and checkpoints at the same steps.
-    local = train_local(cfg.with_overrides({"train.backend": "local", "train.output_dir": str(tmp_path / "local")}))
+    # One schedule for both runners: the same config run locally evaluates and checkpoints at the same steps
+    # (the schedule does not depend on the model, so the local run uses the tiny one). Resuming on Ray is
+    # test_faults' SIGTERM test.
+    local_run = {"train.backend": "local", "train.output_dir": str(tmp_path / "local")}
+    local = train_local(cfg.with_overrides({**local_run, "model.backbone": "tiny", "model.pretrained": "none"}))
     for key in ("steps", "checkpoint_steps"):
         assert local[key] == metrics[key], key
     assert [h["step"] for h in local["history"]] == [h["step"] for h in metrics["history"]] == [7, 14]
-
-    resumed = train_ray(cfg.with_overrides({"train.steps": 16}))
-    assert resumed["resumed_from_step"] == 14 and resumed["steps"] == 16
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import threading
 import uuid
@@ -107,10 +108,13 @@ def _latest_checkpoint(experiment: Path) -> Path | None:
     """The checkpoint Ray Train would resume this run from, if any."""
     if not experiment.is_dir():
         return None
+    logging.disable(logging.INFO)  # Ray logs finding the snapshot; a refusal that follows must stay one line
     try:
         checkpoint = ray.train.Result.from_path(str(experiment)).checkpoint
     except Exception:  # unreadable run state: Ray decides on resuming, the worker checks the fit
         return None
+    finally:
+        logging.disable(logging.NOTSET)
     return Path(checkpoint.path) / CHECKPOINT_NAME if checkpoint else None
 
 

@@ -20,8 +20,8 @@ import ray.train
 from ray.data import ActorPoolStrategy, ExecutionOptions, ExecutionResources
 
 from pipeline.config import Config
-from pipeline.data.readers import read_image_folder, read_prepared
-from pipeline.data.shards import READ_ERRORS, RowGroup, error_reason, read_group
+from pipeline.data.readers import read_image_folder
+from pipeline.data.shards import READ_ERRORS, RowGroup, error_reason, read_group, row_groups
 from pipeline.distributed.labeler import TeacherLabeler, add_strong_views, labeled_views
 from pipeline.distributed.resources import VIEW_TASK_CPUS, ResourcePlan, data_context
 from pipeline.errors import InputError
@@ -57,14 +57,17 @@ def build_datasets(cfg: Config, inputs: RunInputs, weights_store: str) -> dict[s
     r = cfg.ray
     if inputs.num_labeled < r.num_workers:
         raise InputError(f"{inputs.num_labeled} labeled images cannot be split over ray.num_workers={r.num_workers}")
-    labeled = _passes(read_prepared(cfg.data.prepared, LABELED), _labeled_passes(cfg, inputs.num_labeled)).map_batches(
-        labeled_views,
-        batch_size=cfg.train.batch_size_labeled,
-        num_cpus=VIEW_TASK_CPUS,
-        fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
-    )
-    with _block_size(_labeler_batch_bytes(cfg, inputs.pool)):
-        unlabeled = _unlabeled_stream(cfg, inputs, weights_store)
+    labeled_groups, _ = row_groups(Path(cfg.data.prepared) / LABELED)  # whole: the preflight read every one
+    # The streams' progress bars, relayed through the driver, were thousands of console lines per step.
+    with data_context(enable_progress_bars=False):
+        labeled = read_row_groups(labeled_groups, _labeled_passes(cfg, inputs.num_labeled)).map_batches(
+            labeled_views,
+            batch_size=cfg.train.batch_size_labeled,
+            num_cpus=VIEW_TASK_CPUS,
+            fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
+        )
+        with _block_size(_labeler_batch_bytes(cfg, inputs.pool)):
+            unlabeled = _unlabeled_stream(cfg, inputs, weights_store)
     return {LABELED: labeled, UNLABELED: unlabeled}
 
 
@@ -85,11 +88,15 @@ def _labeler_batch_bytes(cfg: Config, pool: list[RowGroup]) -> int:
     return max(int(per_row * cfg.ray.labeler_batch_size), 1024)
 
 
-def read_pool(pool: list[RowGroup], weights_store: str, passes: int = 1) -> ray.data.Dataset:
-    """`passes` passes over the readable row groups of the unlabeled pool as rows of `schema.ROW_SCHEMA`, one read
-    task per shard and pass, all of them in one read operator (see `_unlabeled_stream`)."""
+def read_row_groups(groups: list[RowGroup], passes: int = 1, weights_store: str | None = None) -> ray.data.Dataset:
+    """`passes` passes over `groups` as rows of `schema.ROW_SCHEMA`, one read task per shard and pass, all of
+    them in one read operator (see `_unlabeled_stream`).
+
+    With a `weights_store` (the unlabeled pool) a damaged row group is skipped and counted there; without
+    one (the labeled split, which must be whole) it is an InputError naming the shard.
+    """
     by_shard: dict[str, list[RowGroup]] = defaultdict(list)
-    for group in pool:
+    for group in groups:
         by_shard[group.path].append(group)
     items = [
         {"path": path, "row_groups": [g.index for g in groups], "rows": [g.rows for g in groups]}
@@ -100,13 +107,17 @@ def read_pool(pool: list[RowGroup], weights_store: str, passes: int = 1) -> ray.
     )
 
 
-def _read_shard(batch: dict[str, np.ndarray], weights_store: str) -> Iterator[pa.Table]:
+def _read_shard(batch: dict[str, np.ndarray], weights_store: str | None) -> Iterator[pa.Table]:
     for path, indices, rows in zip(batch["path"], batch["row_groups"], batch["rows"]):
         for index, count in zip(indices, rows):
             group = RowGroup(str(path), int(index), int(count))
             try:
                 yield read_group(group)
             except READ_ERRORS as exc:
+                if weights_store is None:
+                    raise InputError(
+                        f"{path}: corrupt Parquet shard (row group {index}: {error_reason(exc)})"
+                    ) from None
                 ray.get_actor(weights_store).skip.remote(group.name, group.rows, error_reason(exc))
 
 
@@ -117,7 +128,7 @@ def _unlabeled_stream(cfg: Config, inputs: RunInputs, weights_store: str) -> ray
     # The shards' passes are one read operator, not a union of passes: Ray Data reserves each read operator a
     # whole read CPU of the stream's budget (resources.py), so two passes took all of it and the strong views
     # ran only once both had read the whole pool (10k images: the first pseudo batch 11 minutes after burn-in).
-    parts = [read_pool(inputs.pool, weights_store, passes)] if inputs.pool else []
+    parts = [read_row_groups(inputs.pool, passes, weights_store)] if inputs.pool else []
     if folder is not None:  # the preflight refused a run with neither
         parts.append(_passes(folder, passes))
     pool = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
