@@ -1,8 +1,9 @@
 """What a run reads, checked on the driver before a model is trained or Ray is started.
 
 So the same bad input ends in the same one line on both backends: on Ray it would otherwise surface
-minutes later inside a worker error. Damage to the unlabeled pool is not an error: its unreadable row
-groups are left out here and counted, and the run goes on with the rest.
+minutes later inside a worker error. Damage to the unlabeled pool is not an error: shards whose footer
+cannot be read are left out here and counted, damaged row groups when the readers meet them, and the run
+goes on with the rest.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipeline.training.session import build_student_teacher, load_checkpoint, lo
 
 @dataclass
 class RunInputs:
-    """The checked prepared set: labeled rows, the readable row groups of the unlabeled pool, what was skipped."""
+    """The checked prepared set: labeled rows, the unlabeled pool's row groups (from readable footers), what was skipped."""
 
     num_classes: int
     num_labeled: int

@@ -1,7 +1,7 @@
 """The two Ray Data streams of a Ray run: labeled views, and the unlabeled pool through the teacher labelers.
 
-The unlabeled pool is read row group by row group from the groups the preflight found readable (one
-task per shard), so a row group that turns out damaged is skipped and counted in the weight store
+Both are read row group by row group (one task per shard), as their shards' footers list them. In the
+unlabeled pool a row group that turns out damaged is skipped and counted in the weight store
 instead of failing the run; the labelers count undecodable images the same way.
 """
 
