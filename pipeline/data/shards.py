@@ -95,13 +95,18 @@ def whole_tables(split_dir: str | Path, columns: list[str] | None = None) -> Ite
             f"{Path(split_dir) / Path(name).name}: corrupt Parquet shard ({reason}); run `ssod prepare` again"
         )
     for group in groups:
-        try:
-            yield read_group(group, columns)
-        except READ_ERRORS as exc:
-            raise InputError(
-                f"{group.path}: corrupt Parquet shard (row group {group.index}: {error_reason(exc)}); "
-                "run `ssod prepare` again"
-            ) from None
+        yield read_whole_group(group, columns)
+
+
+def read_whole_group(group: RowGroup, columns: list[str] | None = None) -> pa.Table:
+    """One row group of a split that must be whole; damage is an InputError naming the shard."""
+    try:
+        return read_group(group, columns)
+    except READ_ERRORS as exc:
+        raise InputError(
+            f"{group.path}: corrupt Parquet shard (row group {group.index}: {error_reason(exc)}); "
+            "run `ssod prepare` again"
+        ) from None
 
 
 def read_rows(split_dir: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:

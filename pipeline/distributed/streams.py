@@ -21,7 +21,7 @@ from ray.data import ActorPoolStrategy, ExecutionOptions, ExecutionResources
 
 from pipeline.config import Config
 from pipeline.data.readers import read_image_folder
-from pipeline.data.shards import READ_ERRORS, RowGroup, error_reason, read_group, row_groups
+from pipeline.data.shards import READ_ERRORS, RowGroup, error_reason, read_group, read_whole_group, row_groups
 from pipeline.distributed.labeler import TeacherLabeler, add_strong_views, labeled_views
 from pipeline.distributed.resources import VIEW_TASK_CPUS, ResourcePlan, data_context
 from pipeline.errors import InputError
@@ -111,13 +111,12 @@ def _read_shard(batch: dict[str, np.ndarray], weights_store: str | None) -> Iter
     for path, indices, rows in zip(batch["path"], batch["row_groups"], batch["rows"]):
         for index, count in zip(indices, rows):
             group = RowGroup(str(path), int(index), int(count))
+            if weights_store is None:
+                yield read_whole_group(group)
+                continue
             try:
                 yield read_group(group)
             except READ_ERRORS as exc:
-                if weights_store is None:
-                    raise InputError(
-                        f"{path}: corrupt Parquet shard (row group {index}: {error_reason(exc)})"
-                    ) from None
                 ray.get_actor(weights_store).skip.remote(group.name, group.rows, error_reason(exc))
 
 
