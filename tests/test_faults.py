@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray.train
 from badinput import assert_one_line_error, copy_prepared, damage_row_group, first_shard
 from conftest import ROOT, tiny_config
 
@@ -95,6 +96,18 @@ class Run:
                 return
         raise AssertionError(f"no step {step} in {timeout} s:\n" + "".join(self.output[-40:]))
 
+    def wait_for_checkpoint(self, run_dir: Path, timeout: float = 600) -> None:
+        """Block until Ray Train has registered a checkpoint of this run (what a new `ssod train` resumes from)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "".join(self.output[-40:])
+            experiments = list((run_dir / "ray").glob("ssod-*"))
+            with contextlib.suppress(Exception):  # no run state on disk yet
+                if experiments and ray.train.Result.from_path(str(experiments[0])).checkpoint:
+                    return
+            time.sleep(0.5)
+        raise AssertionError(f"no checkpoint in {timeout} s:\n" + "".join(self.output[-40:]))
+
     def kill(self, title: str) -> None:
         pids = [pid for pid, cmd in _process_tree(self.proc.pid).items() if cmd.startswith("ray::") and title in cmd]
         assert pids, f"no {title} process below the driver"
@@ -163,10 +176,10 @@ def test_a_killed_labeler_a_killed_train_worker_and_a_damaged_shard_are_survived
 
 
 def test_a_stopped_driver_exits_cleanly_and_the_same_command_resumes(prepared, tmp_path, runs):
-    config = _config(prepared, tmp_path, "train.steps=8")
+    config = _config(prepared, tmp_path, "train.steps=12")
     run = Run(config)
     runs.append(run)
-    run.wait_for_step(7)
+    run.wait_for_checkpoint(tmp_path / "run")  # the step-6 one: the console line alone may come before Ray has it
     ray_processes = _process_tree(run.proc.pid)
     stopped = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
@@ -180,4 +193,4 @@ def test_a_stopped_driver_exits_cleanly_and_the_same_command_resumes(prepared, t
     runs.append(resumed)
     assert resumed.finish() == 0, "".join(resumed.output[-60:])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 8
+    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 12
