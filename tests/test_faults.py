@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray.train
 from badinput import assert_one_line_error, copy_prepared, damage_row_group, first_shard
 from conftest import ROOT, tiny_config
 
 from pipeline.config import dump_config
+from pipeline.distributed.driver import _latest_checkpoint
 
 pytestmark = pytest.mark.slow  # three Ray runs
 
@@ -101,10 +101,8 @@ class Run:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "".join(self.output[-40:])
-            experiments = list((run_dir / "ray").glob("ssod-*"))
-            with contextlib.suppress(Exception):  # no run state on disk yet
-                if experiments and ray.train.Result.from_path(str(experiments[0])).checkpoint:
-                    return
+            if any(_latest_checkpoint(experiment) for experiment in (run_dir / "ray").glob("ssod-*")):
+                return
             time.sleep(0.5)
         raise AssertionError(f"no checkpoint in {timeout} s:\n" + "".join(self.output[-40:]))
 
@@ -176,10 +174,10 @@ def test_a_killed_labeler_a_killed_train_worker_and_a_damaged_shard_are_survived
 
 
 def test_a_stopped_driver_exits_cleanly_and_the_same_command_resumes(prepared, tmp_path, runs):
-    config = _config(prepared, tmp_path, "train.steps=12")
+    config = _config(prepared, tmp_path, "train.steps=16")
     run = Run(config)
     runs.append(run)
-    run.wait_for_checkpoint(tmp_path / "run")  # the step-6 one: the console line alone may come before Ray has it
+    run.wait_for_checkpoint(tmp_path / "run")  # step 6's: the console line alone may come before Ray has it
     ray_processes = _process_tree(run.proc.pid)
     stopped = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
@@ -193,4 +191,4 @@ def test_a_stopped_driver_exits_cleanly_and_the_same_command_resumes(prepared, t
     runs.append(resumed)
     assert resumed.finish() == 0, "".join(resumed.output[-60:])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 12
+    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 16
