@@ -33,6 +33,9 @@ def test_short_local_run_writes_complete_metrics(prepared, tmp_path, arch):
     assert set(written["pseudo_label_class_counts"]) == set(written["labeled_class_histogram"])
     assert sum(written["labeled_class_histogram"].values()) > 0
     assert (tmp_path / arch / "checkpoint.pt").exists()
+    last = written["history"][-1]  # the evaluation interval's own pseudo-label figures, beside the APs
+    assert last["pseudo_labels_per_image"] == pytest.approx(written["pseudo_labels_per_image"])
+    assert {"pseudo_label_precision", "pseudo_label_recall", "teacher_AP", "student_AP"} <= set(last)
 
 
 @pytest.mark.slow

@@ -67,6 +67,7 @@ class TrainingRun:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.student)
         self.with_masks = cfg.model.arch == "mask_rcnn"
         self.stats = PseudoLabelStats()
+        self.stats_at_last_eval = self.stats.state()  # pseudo-label figures are reported per evaluation interval
         self.scores = TeacherScores(cfg.ssl, self.names)
         self.step, self.skipped_steps, self.history, self.checkpoint_steps = 0, 0, [], []
         self.guard = SkipGuard(cfg.train.max_skipped_fraction, cfg.train.skip_window)
@@ -125,6 +126,7 @@ class TrainingRun:
             {
                 "skipped_steps": self.skipped_steps,
                 "stats": self.stats.state(),
+                "stats_at_last_eval": json.dumps(self.stats_at_last_eval),
                 "history": json.dumps(self.history),
                 "checkpoint_steps": json.dumps(self.checkpoint_steps),
                 "scores": self.scores.windows.state_dict(),
@@ -142,6 +144,7 @@ class TrainingRun:
             load_part(target, state, key, path)
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.stats = PseudoLabelStats.from_state(state["stats"])
+        self.stats_at_last_eval = json.loads(state.get("stats_at_last_eval", json.dumps(state["stats"])))
         self.history = json.loads(state["history"])
         self.checkpoint_steps = json.loads(state.get("checkpoint_steps", "[]"))
         if state.get("scores"):
@@ -233,7 +236,9 @@ class TrainingRun:
             "step": self.step,
             "teacher": self.evaluator(self.teacher, self.device),
             "student": self.evaluator(self.student, self.device),
+            "pseudo_labels": self.stats.since(self.stats_at_last_eval),
         }
+        self.stats_at_last_eval = self.stats.state()
         self.history.append(entry)
         if self.tracker is not None and self.last_pseudo is not None:
             self.tracker.log_pseudo_label_grid(self.step, *self.last_pseudo, self.names)
@@ -250,6 +255,7 @@ class TrainingRun:
             for k, v in d.items()
             if k != "per_class" and v is not None
         }
+        flat.update({f"interval/{k}": v for k, v in entry["pseudo_labels"].items() if v is not None})
         self.log(flat)
         return entry
 
@@ -269,7 +275,12 @@ class TrainingRun:
             **self.scores.summary(),
             "labeled_class_histogram": labeled_class_histogram(self.cfg.data.prepared, self.names),
             "history": [
-                {"step": h["step"], "teacher_AP": h["teacher"]["bbox"]["AP"], "student_AP": h["student"]["bbox"]["AP"]}
+                {
+                    "step": h["step"],
+                    "teacher_AP": h["teacher"]["bbox"]["AP"],
+                    "student_AP": h["student"]["bbox"]["AP"],
+                    **h.get("pseudo_labels", {}),
+                }
                 for h in self.history
             ],
             "checkpoint_steps": self.checkpoint_steps,  # the periodic ones; the last step always has one

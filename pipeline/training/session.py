@@ -119,6 +119,17 @@ class PseudoLabelStats:
             out["staleness_mean"] = self.staleness_sum / self.staleness_rows
         return out
 
+    def since(self, earlier: dict[str, Any]) -> dict[str, float | None]:
+        """Boxes per image, precision and recall of the pseudo-labels counted after the `earlier` state."""
+        images, boxes = self.images - earlier["images"], self.boxes - earlier["boxes"]
+        matched = self.matched - earlier["matched"]
+        scored, gt = self.scored_boxes - earlier["scored_boxes"], self.gt_boxes - earlier["gt_boxes"]
+        return {
+            "pseudo_labels_per_image": boxes / images if images else None,
+            "pseudo_label_precision": matched / scored if scored else None,
+            "pseudo_label_recall": matched / gt if gt else None,
+        }
+
     def state(self) -> dict[str, Any]:
         return {
             "images": self.images,
