@@ -17,7 +17,9 @@ from models.pretrained import check_supported
 
 class Section(BaseModel):
     # NaN and infinity are refused everywhere: `train.lr=.inf` destroyed the weights at step 1.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # Strict types: no bool taken for a number (`train.steps=true` trained 1 step), no float truncated into
+    # an int, no number read out of a string. A float key takes an int (YAML reads `1` as an int).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
 
 class ModelConfig(Section):
@@ -84,6 +86,17 @@ class SSLConfig(Section):
     sync_interval: int | None = Field(None, ge=1, description="publish period; default: every refresh")
     max_staleness: int = Field(16, ge=1)
     unsup_mask_loss: bool = True
+    # Remedies against the teacher teaching its own mistakes back (models/pseudo_labels.py, models/losses.py):
+    # `flip`: the teacher labels the weak view and its mirror, the two fused before the threshold;
+    teacher_tta: Literal["none", "flip"] = "none"
+    # `teacher`: an unlabeled image's background ROI weighs what the teacher's background score of it says;
+    unsup_background_weight: Literal["uniform", "teacher"] = "uniform"
+    # a number m: per image and class at most ceil(m * the labeled set's boxes per image) pseudo-boxes, and
+    # when the cut keeps fewer than `density_floor` x the labeled boxes per image, the teacher's most
+    # confident boxes scoring >= `density_min_score` fill up to that count (None: the score cut alone).
+    density_prior: float | None = Field(None, gt=0)
+    density_floor: float = Field(0.5, ge=0)
+    density_min_score: float = Field(0.3, ge=0, le=1)
 
     @model_validator(mode="after")
     def _span_or_rate(self) -> "SSLConfig":
@@ -177,6 +190,9 @@ def _default_space() -> dict[str, SearchDim]:
         "ssl.score_threshold": SearchDim(type="choice", values=[0.6, 0.7, 0.8, 0.9, "auto"]),
         "ssl.ema_keep_rate": SearchDim(type="choice", values=[0.99, 0.999, 0.9996]),
         "ssl.teacher_update_interval": SearchDim(type="choice", values=[1, 2, 4]),
+        "ssl.teacher_tta": SearchDim(type="choice", values=["none", "flip"]),
+        "ssl.unsup_background_weight": SearchDim(type="choice", values=["uniform", "teacher"]),
+        "ssl.density_prior": SearchDim(type="choice", values=[None, 1.5, 2.0, 3.0]),
         "train.lr": SearchDim(type="loguniform", low=0.002, high=0.04),
     }
 

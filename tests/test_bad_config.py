@@ -43,6 +43,68 @@ def test_config_value_is_refused_by_key(overrides, key):
     assert key in error_of(load_config, None, overrides)
 
 
+WRONG_TYPES = {  # case -> (override, its one line)
+    "bool_for_an_int": ("train.steps=true", "--set train.steps: Input should be a valid integer, got true"),
+    "float_for_an_int": ("ssl.burn_in_steps=1.5", "--set ssl.burn_in_steps: Input should be a valid integer, got 1.5"),
+    "whole_float_for_an_int": ("train.steps=10.0", "--set train.steps: Input should be a valid integer, got 10.0"),
+    "string_for_an_int": ('train.steps="5"', "--set train.steps: Input should be a valid integer, got '5'"),
+    "bool_for_a_float": ("train.lr=false", "--set train.lr: Input should be a valid number, got false"),
+    "string_for_a_float": ('train.lr="0.1"', "--set train.lr: Input should be a valid number, got '0.1'"),
+    "int_for_a_bool": ("tracking.enabled=1", "--set tracking.enabled: Input should be a valid boolean, got 1"),
+    "bool_for_a_threshold": (
+        "ssl.score_threshold=true",
+        "--set ssl.score_threshold: Input should be a valid number or 'auto', got true",
+    ),
+    "bool_in_a_list": (
+        "model.min_size=[128, true]",
+        "--set model.min_size.1: Input should be a valid integer, got true",
+    ),
+    "list_for_a_string": (
+        "tracking.experiment=[a]",
+        "--set tracking.experiment: Input should be a valid string, got [a]",
+    ),
+    "unknown_key": ("train.stepz=3", "--set train.stepz: unknown key"),
+    "unknown_section": ("trian.steps=3", "--set trian.steps: unknown section"),
+}
+
+
+@pytest.mark.parametrize("override, line", WRONG_TYPES.values(), ids=WRONG_TYPES.keys())
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(override, line):
+    assert error_of(load_config, None, [override]) == line
+
+
+def test_a_wrong_type_in_a_file_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: true\n  lr: 0.01\nssl:\n  burn_in_steps: 2.5\n")
+    assert error_of(load_config, path) == (
+        f"{path}: ssl.burn_in_steps: Input should be a valid integer, got 2.5; "
+        f"{path}: train.steps: Input should be a valid integer, got true"
+    )
+    # The same key from --set is named as --set: the file is not blamed for it.
+    message = error_of(load_config, path, ["ssl.burn_in_steps=1", "train.steps=yes"])
+    assert message == "--set train.steps: Input should be a valid integer, got true"
+
+
+def test_numbers_that_are_numbers_are_taken():
+    cfg = load_config(None, ["train.lr=1", "train.weight_decay=1e-4", "ray.cpus_per_worker=2", "train.steps=3000"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # YAML reads `1` as an int: a float key takes it
+    assert cfg.train.weight_decay == 1e-4  # YAML 1.1 reads `1e-4` as a string; the config reads it as a number
+    assert cfg.ray.cpus_per_worker == 2.0 and cfg.train.steps == 3000
+
+
+def test_a_text_key_keeps_the_text_it_was_given():
+    cfg = load_config(None, ["tracking.experiment=2024", "train.output_dir=1e3", "model.weights_path=null"])
+    assert cfg.tracking.experiment == "2024" and cfg.train.output_dir == "1e3" and cfg.model.weights_path is None
+
+
+def test_the_cli_prints_the_wrong_type_on_one_line(capsys):
+    from pipeline.cli import main
+
+    assert main(["train", "--set", "train.steps=true"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --set train.steps: Input should be a valid integer, got true\n"
+
+
 def test_burn_in_as_long_as_the_run_is_allowed():
     # The teacher is copied at the end of the last step: a burn-in-only (supervised) run is valid.
     assert load_config(None, ["train.steps=10", "ssl.burn_in_steps=10"]).ssl.burn_in_steps == 10
