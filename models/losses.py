@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
+from torchvision.ops import box_iou
 
 # Terms that pseudo-labels supervise; box regression on pseudo-boxes is dropped (the paper's choice:
 # a confident class score says little about box quality).
@@ -13,13 +14,48 @@ UNSUPERVISED_TERMS = ("loss_objectness", "loss_classifier")
 MASK_TERM = "loss_mask"
 
 
-def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float = 1.5) -> Tensor:
-    """Multi-class focal loss: sum((1 - p_t)^gamma * CE) / num_rois, no alpha (gamma 0 == cross-entropy)."""
+# A student background proposal takes the teacher's background probability of the teacher proposal it
+# overlaps most, at this IoU or more; below it the teacher saw nothing there and it stays certain background.
+BACKGROUND_MATCH_IOU = 0.5
+
+
+def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float = 1.5, weights: Tensor | None = None) -> Tensor:
+    """Multi-class focal loss: sum(w * (1 - p_t)^gamma * CE) / num_rois, no alpha (gamma 0 == cross-entropy);
+    `weights` default to 1 per ROI."""
     if logits.numel() == 0:
         return logits.sum() * 0.0
     ce = F.cross_entropy(logits, labels, reduction="none")
     p_t = torch.exp(-ce)
-    return ((1.0 - p_t) ** gamma * ce).sum() / labels.numel()
+    loss = (1.0 - p_t) ** gamma * ce
+    return (loss if weights is None else weights * loss).sum() / labels.numel()
+
+
+def background_weights(
+    proposals: Tensor, labels: Tensor, image_shape: tuple[int, int], target: dict[str, Tensor]
+) -> Tensor:
+    """Per-ROI weights of one image's sampled proposals under soft background weighting.
+
+    Foreground ROIs weigh 1. A background ROI's reliability is the teacher's background probability of the
+    teacher proposal it overlaps most (`target["proposal_boxes"]`, in the `target["image_size"]` frame), or
+    1 where the teacher proposed nothing there. Background weights are the reliabilities rescaled to sum to
+    the number of background ROIs, so the background's share of the loss is unchanged: a background ROI the
+    teacher itself calls likely foreground (an object the score cut dropped) teaches little.
+    """
+    weights = torch.ones(len(labels), device=proposals.device)
+    background = labels == 0
+    teacher_boxes = target["proposal_boxes"]
+    if not background.any() or len(teacher_boxes) == 0:
+        return weights
+    height, width = target["image_size"].tolist()
+    scale = torch.tensor(
+        [image_shape[1] / width, image_shape[0] / height] * 2, device=teacher_boxes.device, dtype=teacher_boxes.dtype
+    )
+    best_iou, best = box_iou(proposals[background], teacher_boxes * scale).max(dim=1)
+    reliability = torch.where(
+        best_iou >= BACKGROUND_MATCH_IOU, target["proposal_background"][best], torch.ones_like(best_iou)
+    )
+    weights[background] = reliability * background.sum() / reliability.sum().clamp_min(1e-6)
+    return weights
 
 
 class FocalRoIHeads(RoIHeads):
@@ -40,8 +76,13 @@ class FocalRoIHeads(RoIHeads):
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        weights = None
+        if targets is not None and all("proposal_boxes" in t for t in targets):  # soft background weighting
+            weights = torch.cat(
+                [background_weights(p, lab, s, t) for p, lab, s, t in zip(proposals, labels, image_shapes, targets)]
+            )
         losses = {
-            "loss_classifier": softmax_focal_loss(class_logits, torch.cat(labels), self.focal_gamma),
+            "loss_classifier": softmax_focal_loss(class_logits, torch.cat(labels), self.focal_gamma, weights),
             "loss_box_reg": loss_box_reg,
         }
         if self.has_mask():

@@ -1,35 +1,205 @@
-"""Pseudo-labelling: the teacher on the weak view, eval-mode post-processing, score thresholding."""
+"""Pseudo-labelling: the teacher on the weak view (optionally with its mirror), eval-mode post-processing,
+the score threshold and the density prior.
+
+A teacher's output per image: `boxes`, `labels`, `scores` (and `masks` for Mask R-CNN), and with
+`background=True` also `proposal_boxes` / `proposal_background`: its top RPN proposals and the probability
+its ROI head gives each of them of being background (what soft background weighting reads).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import box_iou
 
 # One threshold for every class, or a tensor indexed by model label (0 = background): per-class thresholds.
 Threshold = float | Tensor
+TTA_MODES = ("none", "flip")
+# Teacher boxes of the two views count as one object at this IoU (same class).
+FLIP_MATCH_IOU = 0.55
+# Proposals a teacher reports with their background probability, by objectness.
+BACKGROUND_PROPOSALS = 256
+# Keys a kept pseudo-label carries into the student's target besides boxes and labels (`image_size`: the
+# (height, width) the proposal boxes refer to, since the detector's resize moves only `boxes`).
+BACKGROUND_KEYS = ("proposal_boxes", "proposal_background", "image_size")
+
+
+@dataclass(frozen=True)
+class DensityPrior:
+    """How many pseudo-boxes an image may hold, from the labeled set's boxes per image.
+
+    `per_class[c]`: mean labeled boxes of model label c per image (index 0, background, unused).
+    At most ceil(`multiple` * per_class[c]) boxes of class c are kept per image (the most confident);
+    when the score cut keeps fewer than `floor` * (mean boxes per image) in all, the teacher's most
+    confident remaining boxes scoring >= `min_score` fill up to that count.
+    """
+
+    per_class: Tensor
+    multiple: float
+    floor: float
+    min_score: float
+
+    def caps(self) -> Tensor:
+        return torch.ceil(self.multiple * self.per_class).long()
+
+    def floor_count(self) -> int:
+        return math.floor(self.floor * float(self.per_class[1:].sum()))
+
+
+def _mirror(detection: dict[str, Tensor], width: int) -> dict[str, Tensor]:
+    """Detections on a horizontally flipped image, mapped back onto the original image."""
+    out = dict(detection)
+    for key in ("boxes", "proposal_boxes"):
+        if key in out:
+            boxes = out[key].clone()
+            boxes[:, [0, 2]] = width - out[key][:, [2, 0]]
+            out[key] = boxes
+    if "masks" in out:
+        out["masks"] = out["masks"].flip(-1)
+    return out
+
+
+def fuse_views(a: dict[str, Tensor], b: dict[str, Tensor], iou: float = FLIP_MATCH_IOU) -> dict[str, Tensor]:
+    """One set of detections from two views of the same image (`b` already mapped onto `a`'s geometry).
+
+    Greedy one-to-one matching by score (same class, IoU >= `iou`): a matched pair becomes one box, the
+    score-weighted mean of the two, with the mean score (and mean mask probability); a box only one view
+    saw keeps its coordinates at half its score (the other view gave it 0). Proposals of the two views are
+    pooled, so background probabilities come from both.
+    """
+    ious = box_iou(a["boxes"], b["boxes"]) if len(a["boxes"]) and len(b["boxes"]) else None
+    pairs, used_b = [], set()
+    if ious is not None:
+        ious[a["labels"][:, None] != b["labels"][None, :]] = 0.0
+        for i in torch.argsort(a["scores"], descending=True).tolist():
+            candidates = [(v, j) for j, v in enumerate(ious[i].tolist()) if v >= iou and j not in used_b]
+            if candidates:
+                j = max(candidates)[1]
+                pairs.append((i, j))
+                used_b.add(j)
+    ia = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=a["boxes"].device)
+    ib = torch.tensor([j for _, j in pairs], dtype=torch.long, device=a["boxes"].device)
+    only_a = _complement(ia, len(a["boxes"]))
+    only_b = _complement(ib, len(b["boxes"]))
+    sa, sb = a["scores"][ia], b["scores"][ib]
+    weights = torch.stack([sa, sb]) / (sa + sb).clamp_min(1e-6)
+    fused = {
+        "boxes": torch.cat(
+            [
+                weights[0, :, None] * a["boxes"][ia] + weights[1, :, None] * b["boxes"][ib],
+                a["boxes"][only_a],
+                b["boxes"][only_b],
+            ]
+        ),
+        "labels": torch.cat([a["labels"][ia], a["labels"][only_a], b["labels"][only_b]]),
+        "scores": torch.cat([(sa + sb) / 2, a["scores"][only_a] / 2, b["scores"][only_b] / 2]),
+    }
+    if "masks" in a:
+        fused["masks"] = torch.cat([(a["masks"][ia] + b["masks"][ib]) / 2, a["masks"][only_a], b["masks"][only_b]])
+    if "proposal_boxes" in a:
+        fused.update({k: torch.cat([a[k], b[k]]) for k in ("proposal_boxes", "proposal_background")})
+        fused["image_size"] = a["image_size"]
+    order = torch.argsort(fused["scores"], descending=True)
+    return {k: (v[order] if k not in BACKGROUND_KEYS else v) for k, v in fused.items()}
+
+
+def _complement(index: Tensor, n: int) -> Tensor:
+    mask = torch.ones(n, dtype=torch.bool, device=index.device)
+    mask[index] = False
+    return torch.nonzero(mask).flatten()
+
+
+def _background_probabilities(teacher: nn.Module, features, proposals, image_sizes) -> list[Tensor]:
+    """The teacher ROI head's background probability of each of its own top proposals."""
+    heads = teacher.roi_heads
+    proposals = [p[:BACKGROUND_PROPOSALS] for p in proposals]
+    box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
+    logits, _ = heads.box_predictor(box_features)
+    return list(torch.softmax(logits, -1)[:, 0].split([len(p) for p in proposals]))
+
+
+def _teacher_forward(teacher: nn.Module, images: list[Tensor], background: bool) -> list[dict[str, Tensor]]:
+    """torchvision's GeneralizedRCNN inference, keeping the proposals when `background` is asked for."""
+    if not background:
+        return teacher(images)
+    original_sizes = [tuple(image.shape[-2:]) for image in images]
+    image_list, _ = teacher.transform(images)
+    features = teacher.backbone(image_list.tensors)
+    proposals, _ = teacher.rpn(image_list, features)
+    detections, _ = teacher.roi_heads(features, proposals, image_list.image_sizes)
+    detections = teacher.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+    background_probs = _background_probabilities(teacher, features, proposals, image_list.image_sizes)
+    for detection, boxes, probs, size, original in zip(
+        detections, proposals, background_probs, image_list.image_sizes, original_sizes
+    ):
+        detection["proposal_boxes"] = resize_boxes(boxes[: len(probs)], size, original)
+        detection["proposal_background"] = probs
+        detection["image_size"] = torch.tensor(original, device=probs.device)
+    return detections
+
+
+def teacher_detections(
+    teacher: nn.Module, weak_images: list[Tensor], tta: str = "none", background: bool = False
+) -> list[dict[str, Tensor]]:
+    """The teacher's eval-mode detections on weakly augmented images, before any pseudo-label threshold.
+
+    With `tta="flip"` the teacher also sees each image's mirror (one batch) and the two views are fused.
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"teacher TTA must be one of {TTA_MODES}, got {tta!r}")
+    teacher.eval()
+    with torch.inference_mode():
+        if tta == "none":
+            return _teacher_forward(teacher, weak_images, background)
+        n = len(weak_images)
+        outputs = _teacher_forward(teacher, weak_images + [image.flip(-1) for image in weak_images], background)
+        return [fuse_views(outputs[i], _mirror(outputs[n + i], weak_images[i].shape[-1])) for i in range(n)]
 
 
 def filter_detections(
-    output: dict[str, Tensor], score_threshold: Threshold, mask_threshold: float = 0.5
+    output: dict[str, Tensor],
+    score_threshold: Threshold,
+    mask_threshold: float = 0.5,
+    prior: DensityPrior | None = None,
 ) -> dict[str, Tensor]:
-    """Keep detections with score >= threshold; masks (probabilities) become binary at `mask_threshold`.
+    """Keep detections with score >= threshold (within the density prior's caps and floor, when given);
+    masks (probabilities) become binary at `mask_threshold`; teacher proposals pass through.
 
     The result holds ordinary tensors (cloned out of inference mode) so it can be a training target.
     """
     if isinstance(score_threshold, Tensor):
         score_threshold = score_threshold.to(output["scores"].device)[output["labels"]]
     keep = output["scores"] >= score_threshold
+    if prior is not None:
+        keep = _within_prior(output["labels"], output["scores"], keep, prior)
     target = {k: output[k][keep].clone() for k in ("boxes", "labels", "scores")}
     if "masks" in output:
         target["masks"] = (output["masks"][keep, 0] >= mask_threshold).to(torch.uint8)
+    target.update({k: output[k].clone() for k in BACKGROUND_KEYS if k in output})
     return target
 
 
-def teacher_detections(teacher: nn.Module, weak_images: list[Tensor]) -> list[dict[str, Tensor]]:
-    """The teacher's eval-mode detections on weakly augmented images, before any pseudo-label threshold."""
-    teacher.eval()
-    with torch.inference_mode():
-        return teacher(weak_images)
+def _within_prior(labels: Tensor, scores: Tensor, passed: Tensor, prior: DensityPrior) -> Tensor:
+    """The density prior on one image's detections: per-class caps on what passed the cut, then the floor."""
+    caps = prior.caps().to(labels.device)
+    keep = torch.zeros_like(passed)
+    taken = torch.zeros_like(caps)
+    order = torch.argsort(scores, descending=True).tolist()
+    for i in order:  # the cut's boxes first, most confident first, up to each class's cap
+        c = int(labels[i])
+        if passed[i] and taken[c] < caps[c]:
+            keep[i], taken[c] = True, taken[c] + 1
+    for i in order:  # then the floor: the most confident of the rest, still within the caps
+        if int(keep.sum()) >= prior.floor_count() or scores[i] < prior.min_score:
+            break
+        c = int(labels[i])
+        if not keep[i] and taken[c] < caps[c]:
+            keep[i], taken[c] = True, taken[c] + 1
+    return keep
 
 
 def pseudo_label(
@@ -37,3 +207,20 @@ def pseudo_label(
 ) -> list[dict[str, Tensor]]:
     """Teacher predictions on weakly augmented images, thresholded; an image may get no box at all."""
     return [filter_detections(o, score_threshold, mask_threshold) for o in teacher_detections(teacher, weak_images)]
+
+
+@dataclass(frozen=True)
+class PseudoLabelPolicy:
+    """How the teacher's view of an unlabeled image becomes the student's target (the `ssl.*` remedies)."""
+
+    tta: str = "none"
+    background: bool = False  # carry the teacher's proposals and background probabilities to the student
+    prior: DensityPrior | None = None
+
+    def detect(self, teacher: nn.Module, weak_images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Every detection of the teacher on the weak views (fused over views with TTA)."""
+        return teacher_detections(teacher, weak_images, self.tta, self.background)
+
+    def keep(self, detections: list[dict[str, Tensor]], threshold: Threshold) -> list[dict[str, Tensor]]:
+        """The pseudo-labels: the score cut, within the density prior when there is one."""
+        return [filter_detections(d, threshold, prior=self.prior) for d in detections]

@@ -15,7 +15,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from models.builders import build_detector
-from models.pseudo_labels import Threshold, filter_detections, teacher_detections
+from models.pseudo_labels import PseudoLabelPolicy, Threshold
 from pipeline.config import Config
 from pipeline.data.augment import strong_view, to_float, weak_transform
 from pipeline.data.rows import DECODE_FAILURES, decode_row
@@ -85,8 +85,16 @@ class TeacherLabeler:
     stamps every row with the version that labelled it, so the trainer can measure staleness.
     """
 
-    def __init__(self, config: dict, num_classes: int, store_name: str, wait_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        config: dict,
+        num_classes: int,
+        store_name: str,
+        policy: PseudoLabelPolicy | None = None,
+        wait_timeout_s: float = 600.0,
+    ):
         cfg = Config.model_validate(config)
+        self.policy = policy or PseudoLabelPolicy()
         self.ssl, self.with_masks = cfg.ssl, cfg.model.arch == "mask_rcnn"
         self.check_every = cfg.ray.weight_check_batches
         self.window = credit_window(cfg)
@@ -124,8 +132,8 @@ class TeacherLabeler:
         started = time.perf_counter()
         decoded, samples = self._decode(batch)
         images = [to_float(image).to(self.device) for image, _ in samples]
-        detections = teacher_detections(self.model, images) if images else []  # a batch may not decode at all
-        kept = [filter_detections(d, self.threshold) for d in detections]
+        detections = self.policy.detect(self.model, images) if images else []  # a batch may not decode at all
+        kept = self.policy.keep(detections, self.threshold)
         seconds = (time.perf_counter() - started) / max(len(samples), 1)
         out = {
             "image_id": batch["image_id"][decoded],
@@ -144,6 +152,9 @@ class TeacherLabeler:
             "teacher_version": np.full(len(samples), self.version, dtype=np.int64),
             "label_seconds": np.full(len(samples), seconds, dtype=np.float64),
         }
+        if self.policy.background:  # what soft background weighting needs from the teacher
+            out["pl_proposal_boxes"] = [_flat(k["proposal_boxes"].cpu()) for k in kept]
+            out["pl_proposal_background"] = [k["proposal_background"].cpu().numpy() for k in kept]
         self.store.delivered.remote(self.actor_id, key)
         return out
 

@@ -26,6 +26,7 @@ from pipeline.distributed.labeler import TeacherLabeler, add_strong_views, label
 from pipeline.distributed.resources import VIEW_TASK_CPUS, ResourcePlan, data_context
 from pipeline.errors import InputError
 from pipeline.preflight import RunInputs
+from pipeline.training.session import pseudo_label_policy
 
 LABELED, UNLABELED = "labeled", "unlabeled"
 MAX_LABELED_PASSES = 64  # beyond this a long run re-executes the labeled stream per 64 passes
@@ -137,6 +138,7 @@ def _unlabeled_stream(cfg: Config, inputs: RunInputs, weights_store: str) -> ray
             "config": cfg.model_dump(),
             "num_classes": inputs.num_classes,
             "store_name": weights_store,
+            "policy": pseudo_label_policy(cfg, inputs.num_classes),
         },
         compute=ActorPoolStrategy(size=r.num_labelers, max_tasks_in_flight_per_actor=1),
         batch_size=r.labeler_batch_size,

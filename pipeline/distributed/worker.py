@@ -139,6 +139,12 @@ class RayFeed:
             image = torch.from_numpy(row["image"])
             masks = row["pl_masks"] if run.with_masks else None
             kept.append(_target(row["pl_boxes"], row["pl_labels"], masks, image.shape[1:], row["pl_scores"]))
+            if "pl_proposal_boxes" in row:  # soft background weighting: the teacher's proposals ride along
+                kept[-1].update(
+                    proposal_boxes=torch.from_numpy(row["pl_proposal_boxes"].reshape(-1, 4)),
+                    proposal_background=torch.from_numpy(row["pl_proposal_background"]),
+                    image_size=torch.tensor(image.shape[1:]),
+                )
             held_aside.append(_target(row["gt_boxes"], row["gt_labels"]) if row["annotated"] else None)
             if run.rank == 0:  # rank 0 fits the thresholds it publishes
                 run.scores.observe(

@@ -22,6 +22,7 @@ import torch
 from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
+from models.pseudo_labels import PseudoLabelPolicy
 from pipeline.config import Config
 from pipeline.data.coco_io import Report, write_json
 from pipeline.data.readers import ImageFolder, list_image_folder, load_split, read_image_folder, read_prepared
@@ -192,7 +193,12 @@ def _labelled(cfg: Config, num_classes: int, source: _Source, store: str) -> ray
     r = cfg.ray
     return source.dataset().map_batches(
         TeacherLabeler,
-        fn_constructor_kwargs={"config": cfg.model_dump(), "num_classes": num_classes, "store_name": store},
+        fn_constructor_kwargs={
+            "config": cfg.model_dump(),
+            "num_classes": num_classes,
+            "store_name": store,
+            "policy": PseudoLabelPolicy(tta=cfg.ssl.teacher_tta),  # the run's TTA; the count is the reviewer's
+        },
         compute=ActorPoolStrategy(size=r.num_labelers),
         batch_size=r.labeler_batch_size,
         num_cpus=r.cpus_per_labeler,

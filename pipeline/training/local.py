@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from models.pseudo_labels import filter_detections, teacher_detections
 from models.unbiased_teacher import Batch
 from pipeline.config import Config
 from pipeline.data.augment import strong_view, to_float, to_model_target, weak_transform
@@ -16,7 +15,7 @@ from pipeline.errors import InputError
 from pipeline.preflight import RunInputs, check_run
 from pipeline.tracking.console import print_sink
 from pipeline.training.loop import TrainingRun
-from pipeline.training.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
+from pipeline.training.session import CHECKPOINT_NAME, labeled_batch, pseudo_label_policy, save_checkpoint
 
 
 class SampleStream:
@@ -65,8 +64,9 @@ class SampleStream:
 class LocalFeed:
     """In-process streams of the prepared splits; the run's own teacher labels the unlabeled one."""
 
-    def __init__(self, cfg: Config, with_masks: bool, inputs: RunInputs):
+    def __init__(self, cfg: Config, with_masks: bool, inputs: RunInputs, num_classes: int):
         prepared, train = Path(cfg.data.prepared), cfg.train
+        self.policy = pseudo_label_policy(cfg, num_classes)
         self.labeled = SampleStream(
             read_rows(prepared / LABELED_DIR), train.seed, with_masks, cfg.data.flip_prob, prepared / LABELED_DIR
         )
@@ -92,9 +92,9 @@ class LocalFeed:
     def pseudo_batch(self, run: TrainingRun) -> Batch:
         samples = self.unlabeled.next(self.batch_size_unlabeled)
         weak = [to_float(image).to(run.device) for _, image, _ in samples]
-        detections = teacher_detections(run.teacher, weak)
+        detections = self.policy.detect(run.teacher, weak)
         run.scores.observe(detections)
-        kept = [filter_detections(d, run.scores.threshold) for d in detections]
+        kept = self.policy.keep(detections, run.scores.threshold)
         strong = [to_float(strong_view(image)) for _, image, _ in samples]
         held_aside = [to_model_target(target) if row["annotated"] else None for row, _, target in samples]
         return run.pseudo_batch(weak, strong, kept, held_aside)
@@ -121,4 +121,4 @@ def train_local(cfg: Config, sinks: list | None = None) -> dict[str, Any]:
     run = TrainingRun(cfg, run_dir, sinks=[print_sink, *(sinks or [])])
     if (run_dir / CHECKPOINT_NAME).exists():
         run.restore(run_dir / CHECKPOINT_NAME)
-    return run.run(LocalFeed(cfg, run.with_masks, inputs))
+    return run.run(LocalFeed(cfg, run.with_masks, inputs, len(run.names)))

@@ -16,6 +16,7 @@ from torchvision.ops import box_iou
 from models.builders import WeightsFileError, build_detector
 from models.ema import unwrap
 from models.pretrained import PretrainedWeightsError
+from models.pseudo_labels import DensityPrior, PseudoLabelPolicy
 from models.torch_files import read_tensor_file
 from models.unbiased_teacher import Batch
 from pipeline.config import Config
@@ -171,6 +172,28 @@ def labeled_class_histogram(prepared: str | Path, names: dict[int, str]) -> dict
         for labels in pq.read_table(f, columns=["labels"]).column("labels").to_pylist():
             counts.update(labels)
     return {names[k]: counts.get(k, 0) for k in sorted(names)}
+
+
+def labeled_boxes_per_image(prepared: str | Path, num_classes: int) -> torch.Tensor:
+    """Mean labeled boxes per image of each model label (index 0, background, stays 0): the density prior."""
+    import pyarrow.parquet as pq
+
+    counts, images = torch.zeros(num_classes + 1), 0
+    for f in sorted((Path(prepared) / LABELED_DIR).glob("*.parquet")):
+        for labels in pq.read_table(f, columns=["labels"]).column("labels").to_pylist():
+            counts += torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_classes + 1).float()
+            images += 1
+    return counts / max(images, 1)
+
+
+def pseudo_label_policy(cfg: Config, num_classes: int) -> PseudoLabelPolicy:
+    """The `ssl.*` remedies as one policy, the same on both runners."""
+    ssl = cfg.ssl
+    prior = None
+    if ssl.density_prior is not None:
+        per_class = labeled_boxes_per_image(cfg.data.prepared, num_classes)
+        prior = DensityPrior(per_class, ssl.density_prior, ssl.density_floor, ssl.density_min_score)
+    return PseudoLabelPolicy(ssl.teacher_tta, ssl.unsup_background_weight == "teacher", prior)
 
 
 def checkpoint_state(

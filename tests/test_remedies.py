@@ -1,0 +1,172 @@
+"""The remedies against confirmation bias: flip TTA fusion, soft background weights, the density prior."""
+
+import math
+
+import pytest
+import torch
+
+from models.builders import build_detector
+from models.losses import background_weights, softmax_focal_loss
+from models.pseudo_labels import (
+    DensityPrior,
+    PseudoLabelPolicy,
+    _mirror,
+    filter_detections,
+    fuse_views,
+    teacher_detections,
+)
+
+
+def _detections(boxes, labels, scores):
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+    }
+
+
+def test_mirror_maps_boxes_back_onto_the_original_image():
+    flipped = _detections([[10, 5, 30, 25]], [1], [0.9])
+    assert _mirror(flipped, 100)["boxes"].tolist() == [[70, 5, 90, 25]]
+
+
+def test_fusion_averages_agreeing_boxes_and_halves_boxes_one_view_saw():
+    a = _detections([[0, 0, 10, 10], [50, 50, 60, 60]], [1, 2], [0.9, 0.8])
+    b = _detections([[1, 0, 11, 10], [80, 80, 90, 90]], [1, 1], [0.6, 0.7])
+    fused = fuse_views(a, b)
+    # the pair: mean score, score-weighted box; the singletons keep their box at half their score
+    assert fused["scores"].tolist() == pytest.approx([0.75, 0.4, 0.35])
+    assert fused["boxes"][0].tolist() == pytest.approx([0.6 * 0 + 0.4 * 1, 0, 0.6 * 10 + 0.4 * 11, 10])
+    assert fused["labels"].tolist() == [1, 2, 1]
+
+
+def test_fusion_never_pairs_different_classes_and_keeps_empty_views_working():
+    a = _detections([[0, 0, 10, 10]], [1], [0.9])
+    b = _detections([[0, 0, 10, 10]], [2], [0.9])
+    assert fuse_views(a, b)["scores"].tolist() == pytest.approx([0.45, 0.45])
+    empty = _detections([], [], [])
+    assert fuse_views(empty, a)["scores"].tolist() == pytest.approx([0.45])
+    assert len(fuse_views(empty, empty)["boxes"]) == 0
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "mask_rcnn"])
+def test_flip_tta_and_background_on_a_real_detector(arch):
+    torch.manual_seed(0)
+    model = build_detector(3, arch=arch, backbone="tiny", min_size=[96], max_size=128).eval()
+    model.roi_heads.score_thresh = 0.0  # an untrained head: keep every box so there is something to fuse
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 96)]
+    plain = teacher_detections(model, images)
+    fused = teacher_detections(model, images, tta="flip", background=True)
+    for image, p, f in zip(images, plain, fused):
+        assert len(f["boxes"]) >= len(p["boxes"]) > 0 and (f["scores"][:-1] >= f["scores"][1:]).all()
+        assert len(f["proposal_boxes"]) == len(f["proposal_background"]) > 0
+        assert ((0 <= f["proposal_background"]) & (f["proposal_background"] <= 1)).all()
+        assert f["image_size"].tolist() == list(image.shape[-2:])
+        assert (f["proposal_boxes"][:, 2] <= image.shape[-1] + 1e-3).all()
+        if arch == "mask_rcnn":
+            assert f["masks"].shape[0] == len(f["boxes"]) and f["masks"].shape[-2:] == image.shape[-2:]
+    kept = PseudoLabelPolicy(tta="flip", background=True).keep(fused, 0.0)
+    assert set(kept[0]) >= {"boxes", "labels", "scores", "proposal_boxes", "proposal_background", "image_size"}
+
+
+def test_background_weights_follow_the_teacher_and_keep_the_background_share():
+    proposals = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [0, 0, 5, 5]], dtype=torch.float)
+    labels = torch.tensor([0, 0, 0, 1])
+    # the teacher's frame is half the student's: its boxes are scaled by 2 before matching
+    target = {
+        "proposal_boxes": torch.tensor([[0, 0, 5, 5], [10, 10, 15, 15]], dtype=torch.float),
+        "proposal_background": torch.tensor([0.2, 0.6]),
+        "image_size": torch.tensor([30, 30]),
+    }
+    weights = background_weights(proposals, labels, (60, 60), target)
+    reliability = torch.tensor([0.2, 0.6, 1.0])  # the third ROI overlaps no teacher proposal
+    assert weights[:3].tolist() == pytest.approx((reliability * 3 / reliability.sum()).tolist())
+    assert weights[3].item() == 1.0 and weights[:3].sum().item() == pytest.approx(3.0)
+
+
+def test_weighted_focal_loss_is_the_weighted_sum():
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    weights = torch.tensor([0.5, 1.0, 1.0, 1.5])
+    per_roi = [softmax_focal_loss(logits[i : i + 1], labels[i : i + 1]).item() for i in range(4)]
+    expected = sum(w * loss for w, loss in zip(weights.tolist(), per_roi)) / 4
+    assert softmax_focal_loss(logits, labels, weights=weights).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_student_loss_trains_with_teacher_background_targets():
+    torch.manual_seed(0)
+    student = build_detector(3, backbone="tiny", min_size=[96], max_size=128).train()
+    target = {
+        "boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]),
+        "labels": torch.tensor([1]),
+        "proposal_boxes": torch.tensor([[50.0, 50.0, 90.0, 90.0], [0.0, 0.0, 30.0, 30.0]]),
+        "proposal_background": torch.tensor([0.05, 0.9]),
+        "image_size": torch.tensor([96, 128]),
+    }
+    losses = student([torch.rand(3, 96, 128)], [target])
+    assert math.isfinite(float(losses["loss_classifier"]))
+    losses["loss_classifier"].backward()
+
+
+def _prior(per_class, multiple=2.0, floor=0.5, min_score=0.3):
+    return DensityPrior(torch.tensor(per_class), multiple, floor, min_score)
+
+
+def test_density_prior_caps_each_class_by_the_labeled_mean():
+    # class 1: 0.4 boxes per labeled image -> at most ceil(2 * 0.4) = 1; class 2: 1.5 -> 3
+    prior = _prior([0.0, 0.4, 1.5])
+    output = _detections([[i, 0, i + 5, 5] for i in range(6)], [1, 1, 2, 2, 2, 2], [0.95, 0.9, 0.99, 0.9, 0.85, 0.81])
+    kept = filter_detections(output, 0.8, prior=prior)
+    assert kept["scores"].tolist() == pytest.approx([0.95, 0.99, 0.9, 0.85])
+
+
+def test_density_prior_floor_tops_up_with_the_most_confident_boxes():
+    # mean 4 boxes per labeled image, floor 0.5 -> at least 2 boxes when the teacher has them above 0.3
+    prior = _prior([0.0, 2.0, 2.0])
+    output = _detections([[i, 0, i + 5, 5] for i in range(4)], [1, 2, 1, 2], [0.7, 0.6, 0.25, 0.5])
+    kept = filter_detections(output, 0.8, prior=prior)
+    assert kept["scores"].tolist() == pytest.approx([0.7, 0.6])
+    low = _detections([[0, 0, 5, 5]], [1], [0.2])  # nothing above the minimum score: nothing is invented
+    assert len(filter_detections(low, 0.8, prior=prior)["boxes"]) == 0
+
+
+def test_policy_without_remedies_is_the_plain_score_cut():
+    output = _detections([[0, 0, 5, 5], [1, 1, 6, 6]], [1, 2], [0.9, 0.5])
+    assert PseudoLabelPolicy().keep([output], 0.7)[0]["scores"].tolist() == pytest.approx([0.9])
+
+
+REMEDIES = (
+    "ssl.teacher_tta=flip",
+    "ssl.unsup_background_weight=teacher",
+    "ssl.density_prior=2.0",
+    "ssl.threshold_floor=0.05",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_run_with_every_remedy_trains_on_both_backends(request, prepared, tmp_path, backend):
+    from conftest import tiny_config
+
+    from pipeline.distributed.driver import train_ray
+    from pipeline.training.local import train_local
+    from pipeline.training.session import labeled_boxes_per_image
+
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    settings = [
+        f"train.backend={backend}",
+        "ssl.score_threshold=0.05",  # a tiny random model's scores sit low: let boxes through to the student
+        "train.steps=8",
+        "ray.num_workers=1",
+        "ray.cpus_per_worker=0.5",
+        "ray.num_labelers=1",
+        "ray.cpus_per_labeler=0.25",
+        "ray.labeler_batch_size=1",
+    ]
+    cfg = tiny_config(prepared, tmp_path / backend, *settings, *REMEDIES)
+    metrics = (train_local if backend == "local" else train_ray)(cfg)
+    assert metrics["steps"] == 8 and metrics["skipped_steps"] == 0 and metrics["stop_reason"] is None
+    assert metrics["pseudo_labeled_images"] > 0
+    # the density prior caps each image's boxes: ceil(2 x the labeled mean) per class
+    caps = torch.ceil(2.0 * labeled_boxes_per_image(prepared, len(metrics["labeled_class_histogram"])))
+    assert 0 < metrics["pseudo_labels_per_image"] <= caps.sum().item()
