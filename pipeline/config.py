@@ -133,7 +133,7 @@ def _show(value: Any) -> str:
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
-def _format_errors(err: ValidationError, source: str, set_keys: set[str] = frozenset()) -> str:
+def format_errors(err: ValidationError, source: str, set_keys: set[str] = frozenset()) -> str:
     """One line: each refused key once, named with where its value came from (`--set train.steps` or the file)."""
     by_key: dict[str, list[dict]] = {}
     for e in err.errors():
@@ -219,7 +219,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise InputError(_format_errors(err, source, set_keys)) from None
+        raise InputError(format_errors(err, source, set_keys)) from None
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -154,3 +154,121 @@ def test_training_against_an_mlflow_server_is_found_through_the_rest_api(prepare
 def _experiment_id(base: str, name: str) -> str:
     url = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}"
     return json.loads(urllib.request.urlopen(url, timeout=10).read())["experiment"]["experiment_id"]
+
+
+def _space_config(space: dict, *overrides: str):
+    from pipeline.config import load_config
+
+    return load_config(None, ["train.steps=3000", f"tune.space={json.dumps(space)}", *overrides])
+
+
+REFUSED_SPACES = {  # case -> (space, the one line)
+    "uniform_over_an_integer_key": (
+        {"ssl.burn_in_steps": {"type": "uniform", "low": 500, "high": 2000}},
+        "tune.space.ssl.burn_in_steps: an integer key: uniform draws fractions (e.g. 1055); use randint or choice",
+    ),
+    "loguniform_over_an_integer_key": (
+        {"ssl.teacher_update_interval": {"type": "loguniform", "low": 1, "high": 8}},
+        "tune.space.ssl.teacher_update_interval: an integer key: loguniform draws fractions",
+    ),
+    "randint_with_a_fractional_bound": (
+        {"ssl.burn_in_steps": {"type": "randint", "low": 10.5, "high": 100}},
+        "tune.space.ssl.burn_in_steps: randint needs whole-number bounds (got 10.5, 100)",
+    ),
+    "randint_over_a_bool_key": (
+        {"ssl.unsup_mask_loss": {"type": "randint", "low": 0, "high": 2}},
+        "tune.space.ssl.unsup_mask_loss: a randint dimension draws numbers; this key takes bool: use choice",
+    ),
+    "loguniform_from_zero": (
+        {"train.lr": {"type": "loguniform", "low": 0, "high": 0.1}},
+        "tune.space.train.lr: loguniform needs low > 0 (got 0)",
+    ),
+    "a_fraction_among_integer_choices": (
+        {"ssl.burn_in_steps": {"type": "choice", "values": [500, 1000.5]}},
+        "tune.space.ssl.burn_in_steps: the value 1000.5 makes an invalid config: Input should be a valid integer",
+    ),
+    "a_bool_among_integer_choices": (
+        {"ssl.burn_in_steps": {"type": "choice", "values": [500, True]}},
+        "tune.space.ssl.burn_in_steps: the value True makes an invalid config: Input should be a valid integer",
+    ),
+    "a_range_that_leaves_the_keys_range": (
+        {"train.momentum": {"type": "uniform", "low": 0.5, "high": 1.5}},
+        "tune.space.train.momentum: the value 1.0 makes an invalid config: Input should be less than 1",
+    ),
+    "a_randint_past_another_key": (
+        {"ssl.burn_in_steps": {"type": "randint", "low": 100, "high": 4000}},
+        "tune.space.ssl.burn_in_steps: the value 3212 makes an invalid config: ssl.burn_in_steps (3212) exceeds",
+    ),
+}
+
+
+@pytest.mark.parametrize("space, line", REFUSED_SPACES.values(), ids=REFUSED_SPACES.keys())
+def test_a_dimension_is_typed_by_its_key_and_checked_over_its_range(space, line):
+    from badinput import error_of
+
+    from tune.space import check_space
+
+    assert error_of(check_space, _space_config(space)).startswith(line)
+
+
+def test_dimensions_that_fit_their_keys_pass():
+    from tune.space import check_space, probe_values
+
+    cfg = _space_config(
+        {
+            "ssl.burn_in_steps": {"type": "randint", "low": 100, "high": 3001},  # high is exclusive
+            "train.lr": {"type": "randint", "low": 1, "high": 3},  # a float key takes whole numbers
+            "train.momentum": {"type": "uniform", "low": 0.5, "high": 1.0},  # 1.0 itself is never drawn
+            "ssl.score_threshold": {"type": "choice", "values": [0.5, "auto"]},
+        }
+    )
+    check_space(cfg)
+    assert all(isinstance(v, int) for v in probe_values(cfg.tune.space["ssl.burn_in_steps"]))
+
+
+class _Result:
+    def __init__(self, metrics=None, error=None, **config):
+        self.metrics, self.error, self.config = metrics or {}, error, config
+
+
+def test_a_failed_trial_is_failed_in_the_summary_and_never_the_best():
+    from pipeline.errors import InputError
+    from tune.driver import summarize
+
+    failed = _Result({"teacher_AP": 99.0}, RuntimeError("Traceback ...\nValueError: boom"), **{"train.lr": 0.5})
+    results = [
+        failed,
+        _Result({"teacher_AP": 3.0}, **{"train.lr": 0.01}),
+        _Result({"teacher_AP": float("nan")}, **{"train.lr": 0.02}),
+        _Result({}, InputError("tune.space: train.lr: bad"), **{"train.lr": 0.03}),
+    ]
+    summary = summarize(results, "teacher_AP", "max", ["train.lr"])
+    assert summary["best"] == {"train.lr": 0.01} and summary["best_metric"] == 3.0
+    assert summary["trials"] == 4 and summary["errors"] == 2 and summary["completed"] == 2
+    assert summary["failures"] == ["ValueError: boom", "tune.space: train.lr: bad"]
+    only_failed = summarize([failed], "teacher_AP", "max", ["train.lr"])  # Tune's own pick: the only trial
+    assert only_failed["best"] is None and only_failed["errors"] == 1
+
+
+def test_a_search_whose_trials_all_failed_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    import tune.driver as driver
+    from pipeline.cli import main
+
+    class Tuner:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            return [_Result(error=RuntimeError("worker died\nRuntimeError: CUDA out of memory"))] * 2
+
+    monkeypatch.setattr(driver, "start_ray", lambda *args: None)
+    monkeypatch.setattr(driver.tune, "Tuner", Tuner)
+    argv = ["tune", "--set", "tracking.enabled=false", "--samples", "2", "--output", str(tmp_path / "s")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: --output {tmp_path / 's'}: no trial of 2 has a result, 2 failed "
+        "(first failure: RuntimeError: CUDA out of memory); see summary.json\n"
+    )
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["errors"] == 2 and summary["best"] is None and summary["best_config"] is None
