@@ -15,7 +15,7 @@ from models.builders import build_detector
 from pipeline.config import Config
 from pipeline.tracking import plots
 from pipeline.tracking import tracker as tracking
-from pipeline.tracking.tracker import Tracker, serve_ui, tracking_uri
+from pipeline.tracking.tracker import Tracker, runs_url, serve_ui, tracking_uri
 
 NAMES = {1: "cat", 2: "dog", 3: "bird"}
 MODEL_NAME = "ssod-teacher-test"
@@ -24,7 +24,7 @@ MODEL_NAME = "ssod-teacher-test"
 def _config(tmp: Path, uri: str | None) -> Config:
     prepared = tmp / "prepared"
     prepared.mkdir(exist_ok=True)
-    (prepared / "split.json").write_text(json.dumps({"labeled": [1, 2], "unlabeled": [3]}))
+    (prepared / "split.json").write_text(json.dumps({"percent": 1.0, "seed": 2, "labeled": [1, 2], "unlabeled": [3]}))
     cfg = Config()
     cfg.tracking.uri = uri
     cfg.tracking.registered_model_name = MODEL_NAME
@@ -122,6 +122,16 @@ def test_run_has_params_metrics_and_tags(store):
     assert "final/teacher/bbox/APs" not in run.data.metrics
     experiment = store["client"].get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+
+
+def test_run_names_its_split_as_a_dataset_and_the_ui_url_opens_its_runs(store):
+    run = store["client"].get_run(store["run_id"])
+    [split] = run.inputs.dataset_inputs
+    assert split.dataset.name == "prepared (1 % labeled, seed 2)" and split.dataset.source_type == "local"
+    assert {t.key: t.value for t in split.tags}["mlflow.data.context"] == "training"
+    url = runs_url(store["uri"], Config().tracking.experiment, "127.0.0.1", 5000)
+    assert url == f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs"
+    assert runs_url(store["uri"], "no-such-experiment", "127.0.0.1", 5000) == "http://127.0.0.1:5000/"
 
 
 def test_run_artifacts(store):

@@ -10,6 +10,8 @@ With `tracking.enabled: false` every method is a cheap no-op and nothing touches
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import numbers
 import subprocess
@@ -22,12 +24,14 @@ from typing import Any
 import mlflow
 import mlflow.pytorch
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from torch import Tensor
 
@@ -89,6 +93,9 @@ class Tracker:
         for path in (self.run_dir / "config.yaml", Path(self.cfg.data.prepared) / "split.json"):
             if path.is_file():
                 self._client.log_artifact(self.run_id, str(path))
+        split = split_dataset(Path(self.cfg.data.prepared))
+        if split is not None:  # the runs table's Dataset column then names the split a run trained on
+            self._client.log_inputs(self.run_id, datasets=[split])
         return self.run_id
 
     def _experiment_id(self) -> str:
@@ -210,6 +217,27 @@ def open_client(uri: str) -> MlflowClient:
     except Exception as exc:  # MLflow raises several types, none of which a user should see as a traceback
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"tracking.uri={uri}: not a tracking store MLflow can open ({detail})") from None
+
+
+def split_dataset(prepared: Path) -> DatasetInput | None:
+    """The prepared split as an MLflow dataset input: its folder, percent and seed, digest of split.json."""
+    path = prepared / "split.json"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    split = json.loads(text)
+    percent, seed = split.get("percent"), split.get("seed")
+    name = prepared.name if percent is None else f"{prepared.name} ({percent:g} % labeled, seed {seed})"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(prepared.resolve())), name=name, digest=digest)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+
+
+def runs_url(uri: str, experiment: str, host: str, port: int) -> str:
+    """Where the UI shows the experiment's runs table (a fresh browser otherwise opens on another page)."""
+    found = open_client(uri).get_experiment_by_name(experiment)
+    base = f"http://{host}:{port}/"
+    return f"{base}#/experiments/{found.experiment_id}/runs" if found is not None else base
 
 
 def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
