@@ -8,10 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
+from pathlib import Path
 
 from pipeline.errors import InputError
+
+MAX_PORT = 65535
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a missing option, `--port abc`) are the CLI's one line, not usage text."""
+
+    def error(self, message: str):
+        raise InputError(message)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +38,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssod", description="Unbiased Teacher semi-supervised detection on Ray")
+    parser = _Parser(prog="ssod", description="Unbiased Teacher semi-supervised detection on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write the synthetic benchmark as COCO train/val sets")
@@ -85,11 +96,76 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least(flag: str, value: int | None, low: int, why: str = "") -> None:
+    if value is not None and value < low:
+        raise InputError(f"{flag} {value}: must be at least {low}{why}")
+
+
+def _in_range(flag: str, value: float | None, low: float, high: float, low_open: bool = True) -> None:
+    """`value` in (low, high] (or [low, high] when not `low_open`); NaN and infinities are refused."""
+    if value is None:
+        return
+    inside = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    if not inside:
+        raise InputError(f"{flag} {value}: must be in {'(' if low_open else '['}{low:g}, {high:g}]")
+
+
+def _path(flag: str, value: str | None, kind: str) -> None:
+    """An input path that must exist: kind "file" or "dir" (URIs are left to the reader)."""
+    if value is None or "://" in value:
+        return
+    path = Path(value)
+    if not path.exists():
+        raise InputError(f"{flag} {value}: not found")
+    if kind == "file" and path.is_dir():
+        raise InputError(f"{flag} {value}: is a directory, expected a file")
+    if kind == "dir" and not path.is_dir():
+        raise InputError(f"{flag} {value}: is not a directory")
+
+
+def _not_a_file(flag: str, value: str | None) -> None:
+    if value is not None and Path(value).is_file():
+        raise InputError(f"{flag} {value}: is an existing file, expected a directory")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every command-line argument, before any work starts: counts, percents, thresholds, ports, paths."""
+    _at_least("--seed", getattr(args, "seed", None), 0)
+    if args.command == "synth":
+        _at_least("--images", args.images, 2, " (train and val)")
+        _not_a_file("out", args.out)
+    elif args.command == "prepare":
+        _in_range("--percent", args.percent, 0, 100)
+        _path("--annotations", args.annotations, "file")
+        _path("--images", args.images, "dir")
+        _path("--val-annotations", args.val_annotations, "file")
+        _path("--val-images", args.val_images, "dir")
+        _path("--unlabeled-images", args.unlabeled_images, "dir")
+        if (args.val_annotations is None) != (args.val_images is None):
+            raise InputError("--val-annotations and --val-images must be given together")
+    elif args.command in ("evaluate", "label"):
+        _path("--checkpoint", args.checkpoint, "any")  # a file, or (label) its run directory
+    if args.command == "label":
+        _path("--images", args.images, "dir")
+        _path("--prepared", args.prepared, "dir")
+        _in_range("--threshold", args.threshold, 0, 1)
+        _at_least("--review", args.review, 0)
+        if args.prepared is None and args.split != "unlabeled":
+            raise InputError(f"--split {args.split}: only with --prepared")
+        _not_a_file("--out", args.out)
+    elif args.command == "tune":
+        _at_least("--samples", args.samples, 1)
+        _at_least("--max-concurrent", args.max_concurrent, 1)
+    elif args.command == "ui":
+        if not 1 <= args.port <= MAX_PORT:
+            raise InputError(f"--port {args.port}: not a TCP port (1 to {MAX_PORT})")
+        if not args.host.strip():
+            raise InputError("--host: empty")
+
+
 def _synth(args: argparse.Namespace) -> None:
     from pipeline.data.synth import generate
 
-    if args.images < 2:
-        raise InputError(f"--images {args.images}: need at least 2 (train and val)")
     print(json.dumps(generate(args.out, args.images, args.seed, masks=args.masks), indent=2))
 
 
@@ -157,16 +233,14 @@ def _label(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from tune.driver import run_search
 
-    if args.samples < 1 or args.max_concurrent < 1:
-        raise InputError("--samples and --max-concurrent must be at least 1")
     args.output, output = None, args.output
     print(json.dumps(run_search(_load(args), args.samples, args.max_concurrent, output), indent=2))
 
 
-def _ui(args: argparse.Namespace) -> None:
+def _ui(args: argparse.Namespace) -> int:
     from pipeline.tracking.tracker import serve_ui, tracking_uri
 
-    sys.exit(serve_ui(tracking_uri(_load(args).tracking.uri), args.host, args.port))
+    return serve_ui(tracking_uri(_load(args).tracking.uri), args.host, args.port)
 
 
 COMMANDS = {
@@ -185,19 +259,19 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     # MLflow announces the creation of a new sqlite store on stderr: a refused run would print more than its line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
-        COMMANDS[args.command](args)
+        args = _build_parser().parse_args(argv)
+        check_args(args)
+        return COMMANDS[args.command](args) or 0
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stopped: the same command resumes from the last checkpoint", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def _cli_cases(prepared: Path, files: Path) -> dict[str, tuple[list[str], list[s
             [
                 "prepare",
                 "--annotations",
-                "a.json",
+                str(files / "empty.yaml"),
                 "--images",
                 str(files),
                 "--percent",
@@ -311,3 +311,74 @@ def test_outputs_on_a_read_only_file_system(prepared, synthetic_coco, tmp_path):
         prefix=ro,
     )
     assert_one_line_error(done, f"{tmp_path / 'run'}: cannot write train.output_dir (Read-only file system)")
+
+
+def _argument_cases(files: Path) -> dict[str, tuple[list[str], str]]:
+    """case -> (argv, its one line): each refused by `pipeline.cli.check_args` before any work."""
+    ann = str(files / "a.json")
+    prepare = ["prepare", "--annotations", ann, "--images", str(files), "--out", str(files / "out")]
+    label = ["label", "--checkpoint", str(files / "zip.pt"), "--images", str(files), "--out", str(files / "l")]
+    return {
+        "percent_zero": ([*prepare, "--percent", "0"], "--percent 0.0: must be in (0, 100]"),
+        "percent_above_100": ([*prepare, "--percent", "150"], "--percent 150.0: must be in (0, 100]"),
+        "percent_nan": ([*prepare, "--percent", "nan"], "--percent nan: must be in (0, 100]"),
+        "percent_not_a_number": ([*prepare, "--percent", "five"], "argument --percent: invalid float value: 'five'"),
+        "percent_missing": (prepare, "the following arguments are required: --percent"),
+        "negative_seed": ([*prepare, "--percent", "5", "--seed", "-1"], "--seed -1: must be at least 0"),
+        "annotations_not_found": (
+            [
+                "prepare",
+                "--annotations",
+                str(files / "no.json"),
+                "--images",
+                str(files),
+                "--percent",
+                "5",
+                "--out",
+                "o",
+            ],
+            f"--annotations {files / 'no.json'}: not found",
+        ),
+        "images_is_a_file": (
+            ["prepare", "--annotations", ann, "--images", ann, "--percent", "5", "--out", "o"],
+            f"--images {ann}: is not a directory",
+        ),
+        "val_images_alone": (
+            [*prepare, "--percent", "5", "--val-images", str(files)],
+            "--val-annotations and --val-images must be given together",
+        ),
+        "synth_one_image": (["synth", str(files / "s"), "--images", "1"], "--images 1: must be at least 2"),
+        "tune_no_samples": (["tune", "--samples", "0"], "--samples 0: must be at least 1"),
+        "tune_no_concurrency": (["tune", "--max-concurrent", "-2"], "--max-concurrent -2: must be at least 1"),
+        "label_negative_review": ([*label, "--review", "-1"], "--review -1: must be at least 0"),
+        "label_threshold_above_one": ([*label, "--threshold", "1.5"], "--threshold 1.5: must be in (0, 1]"),
+        "label_threshold_zero": ([*label, "--threshold", "0"], "--threshold 0.0: must be in (0, 1]"),
+        "label_split_without_prepared": ([*label, "--split", "val"], "--split val: only with --prepared"),
+        "label_checkpoint_not_found": (
+            ["label", "--checkpoint", str(files / "no.pt"), "--images", str(files), "--out", "l"],
+            f"--checkpoint {files / 'no.pt'}: not found",
+        ),
+        "label_out_is_a_file": (
+            ["label", "--checkpoint", str(files / "zip.pt"), "--images", str(files), "--out", str(files / "existing")],
+            f"--out {files / 'existing'}: is an existing file, expected a directory",
+        ),
+        "evaluate_checkpoint_not_found": (
+            ["evaluate", "--checkpoint", str(files / "no.pt")],
+            f"--checkpoint {files / 'no.pt'}: not found",
+        ),
+        "unknown_command": (["trian"], "argument command: invalid choice: 'trian'"),
+    }
+
+
+ARGUMENT_CASES = list(_argument_cases(Path("x")))
+
+
+@pytest.mark.parametrize("case", ARGUMENT_CASES)
+def test_every_cli_argument_is_checked_before_work(bad_files, capsys, case):
+    from pipeline.cli import main
+
+    (bad_files / "a.json").write_text("{}")
+    argv, line = _argument_cases(bad_files)[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {line}"), err

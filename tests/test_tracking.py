@@ -2,6 +2,8 @@
 
 import json
 import math
+import socket
+import sys
 from pathlib import Path
 
 import mlflow
@@ -9,6 +11,7 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 
 from models.builders import build_detector
@@ -206,7 +209,9 @@ def test_serve_ui_runs_mlflow_ui_on_loopback(monkeypatch):
     seen = {}
 
     class FakePopen:
-        def __init__(self, command):
+        stdout = None
+
+        def __init__(self, command, **kwargs):
             seen["command"] = command
 
         def __enter__(self):
@@ -215,13 +220,60 @@ def test_serve_ui_runs_mlflow_ui_on_loopback(monkeypatch):
         def __exit__(self, *exc):
             return False
 
+        def poll(self):
+            return 0
+
         def wait(self):
             return 0
 
     monkeypatch.setattr(tracking.subprocess, "Popen", FakePopen)
-    assert serve_ui("sqlite:///x.db", port=5055) == 0
+    assert serve_ui("sqlite:///x.db", port=free_port()) == 0
     command = seen["command"]
     assert command[1:4] == ["-m", "mlflow", "ui"]
     assert command[command.index("--backend-store-uri") + 1] == "sqlite:///x.db"
     assert command[command.index("--host") + 1] == "127.0.0.1"
-    assert command[command.index("--port") + 1] == "5055"
+    assert command[command.index("--port") + 1].isdigit()
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["--port", "99999"], "error: --port 99999: not a TCP port (1 to 65535)"),
+        (["--port", "0"], "error: --port 0: not a TCP port (1 to 65535)"),
+        (["--port", "http"], "error: argument --port: invalid int value: 'http'"),
+        (["--host", "no-such-host.invalid"], "error: --host no-such-host.invalid: not a host name or address"),
+    ],
+    ids=["port_too_big", "port_zero", "port_not_a_number", "unknown_host"],
+)
+def test_ui_arguments_are_checked_before_the_server_starts(capsys, argv, line):
+    from pipeline.cli import main
+
+    assert main(["ui", "--set", "tracking.uri=sqlite:///never.db", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+
+
+def test_ui_on_a_port_in_use_is_one_line(capsys):
+    from pipeline.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--set", "tracking.uri=sqlite:///never.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --port {port}: cannot listen on 127.0.0.1:{port} (") and err.count("\n") == 1
+
+
+def test_a_ui_server_that_fails_is_one_line_and_exit_2(capsys, monkeypatch):
+    from pipeline.cli import main
+
+    crash = "import sys; print('Traceback (most recent call last):'); print('  File x'); sys.exit('OSError: boom')"
+    monkeypatch.setattr(tracking, "ui_command", lambda uri, host, port: [sys.executable, "-c", crash])
+    port = free_port()
+    assert main(["ui", "--port", str(port), "--set", "tracking.uri=sqlite:///never.db"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: mlflow ui on 127.0.0.1:{port} (tracking.uri=sqlite:///never.db) exited with code 1: OSError: boom\n"
+    )
