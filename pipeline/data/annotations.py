@@ -11,15 +11,24 @@ from typing import Any
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float, not a bool; an int too big for a float (JSON allows 1e400 as digits) is not one."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def clean_box(bbox: Any, width: int, height: int) -> tuple[str, list[float] | None]:
     """COCO xywh -> ("ok" | "clipped", xyxy inside the image) or ("malformed" | "degenerate" | "outside", None)."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return "malformed", None
+    if not all(_is_number(v) for v in bbox):  # NaN and infinities are numbers, but no extent
+        finite_or_not = all(isinstance(v, float) or _is_number(v) for v in bbox)
+        return ("degenerate" if finite_or_not else "malformed"), None
     x, y, w, h = (float(v) for v in bbox)
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+    if not all(math.isfinite(v) for v in (x, y, w, h, x + w, y + h)) or w <= 0 or h <= 0:
         return "degenerate", None
     box = [x, y, x + w, y + h]
     clipped = [max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))]
@@ -32,7 +41,7 @@ def valid_segmentation(segmentation: Any, height: int, width: int) -> bool:
     """Polygons (lists of >= 3 finite x, y points) or an RLE dict whose size is [height, width]."""
     if isinstance(segmentation, list):
         return bool(segmentation) and all(_valid_polygon(p) for p in segmentation)
-    if not isinstance(segmentation, dict) or list(segmentation.get("size") or []) != [height, width]:
+    if not isinstance(segmentation, dict) or segmentation.get("size") not in ([height, width], (height, width)):
         return False
     counts = segmentation.get("counts")
     if isinstance(counts, str):
@@ -46,7 +55,7 @@ def _valid_polygon(polygon: Any) -> bool:
         isinstance(polygon, list)
         and len(polygon) >= 6
         and len(polygon) % 2 == 0
-        and all(_is_number(v) and math.isfinite(v) for v in polygon)
+        and all(_is_number(v) for v in polygon)
     )
 
 

@@ -106,14 +106,58 @@ def load_coco(path: str | Path) -> dict:
     _check_entries(path, "categories", coco["categories"], ("id",))
     _check_unique(path, "image", [img["id"] for img in coco["images"]])
     _check_unique(path, "category", [cat["id"] for cat in coco["categories"]])
+    _check_unique_names(path, coco["categories"])
     return coco
+
+
+def category_name(category: dict) -> str:
+    """A category's identity across files: its name (its id when it has none)."""
+    return str(category.get("name", category["id"]))
+
+
+def _check_unique_names(path: str | Path, categories: list[dict]) -> None:
+    first_id: dict[str, int] = {}
+    for cat in categories:
+        name = category_name(cat)
+        if name in first_id:
+            raise InputError(f"{path}: categories {first_id[name]} and {cat['id']} share the name {name!r}")
+        first_id[name] = cat["id"]
+
+
+def map_categories(coco: dict, path: str | Path, reference: list[dict], reference_path: str | Path) -> tuple[dict, int]:
+    """`coco` with its annotations' category ids rewritten to `reference`'s ids of the same NAME (another
+    file's ids may differ: 0- vs 1-based, another order); returns it and how many categories changed id.
+
+    A category name `reference` lacks is an InputError naming it; an annotation whose category id is not
+    one of `coco`'s own categories keeps no id (counted later as an unknown category)."""
+    reference_id = {category_name(c): c["id"] for c in reference}
+    to_reference: dict[int, int] = {}
+    for cat in coco["categories"]:
+        name = category_name(cat)
+        if name not in reference_id:
+            raise InputError(
+                f"{path}: category {name!r} (id {cat['id']}) is not a category of {reference_path} "
+                f"({', '.join(repr(n) for n in reference_id)})"
+            )
+        to_reference[cat["id"]] = reference_id[name]
+    changed = sum(1 for old, new in to_reference.items() if old != new)
+    annotations = [
+        {**a, "category_id": to_reference.get(a.get("category_id")) if _is_id(a.get("category_id")) else None}
+        for a in coco["annotations"]
+    ]
+    return {**coco, "annotations": annotations}, changed
+
+
+def _is_id(value: Any) -> bool:
+    """A COCO id: an int, not a bool (True would be taken for id 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_entries(path: str | Path, key: str, entries: list, required: tuple[str, ...]) -> None:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or any(k not in entry for k in required):
             raise InputError(f"{path}: {key}[{i}] must be an object with keys {', '.join(required)}")
-        if "id" in required and (not isinstance(entry["id"], int) or isinstance(entry["id"], bool)):
+        if "id" in required and not _is_id(entry["id"]):
             raise InputError(f"{path}: {key}[{i}] has a non-integer id {entry['id']!r}")
 
 
@@ -159,7 +203,7 @@ def _needs_conversion(img: Image.Image, data: bytes) -> bool:
 def check_image(path: Path) -> ImageCheck:
     try:
         data = path.read_bytes()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a file name with a NUL byte
         return ImageCheck("missing")
     try:
         width, height, convert = inspect_bytes(data)
@@ -203,8 +247,14 @@ def build_records(
 ) -> list[ImageRecord]:
     """Kept images (decodable) of one COCO file with their cleaned annotations, in file order."""
     records: dict[int, ImageRecord] = {}
+    files: set[str] = set()
     for entry in coco["images"]:
         name = str(entry["file_name"])
+        file = os.path.normpath(images_dir / name)
+        if file in files:  # the same pixels under two ids: the later entry's boxes belong to another picture
+            report.add("duplicate_file_names", f"{name} (image {entry['id']})")
+            continue
+        files.add(file)
         check = _kept_check(name, images_dir / name, checks, report)
         if check is None:
             continue
@@ -264,14 +314,14 @@ def _add_annotation(
     ann: dict, records: dict[int, ImageRecord], file_images: dict, label_of: dict[int, int], report: Report
 ) -> None:
     image_id = ann["image_id"]
-    if not isinstance(image_id, int) or image_id not in file_images:
+    if not _is_id(image_id) or image_id not in file_images:
         report.add("orphan_annotations", f"annotation {ann['id']}")
         return
     record = records.get(image_id)
-    if record is None:  # its image is missing or corrupt, already counted
+    if record is None:  # its image is missing, corrupt or a duplicate file name, already counted
         return
     category = ann.get("category_id")
-    if not isinstance(category, int) or category not in label_of:
+    if not _is_id(category) or category not in label_of:
         report.add("unknown_category_annotations", record.file_name)
         return
     status, box = clean_box(ann.get("bbox"), record.width, record.height)

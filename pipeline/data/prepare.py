@@ -28,6 +28,7 @@ from pipeline.data.coco_io import (
     extra_records,
     list_image_files,
     load_coco,
+    map_categories,
     write_json,
 )
 from pipeline.errors import InputError
@@ -48,6 +49,9 @@ PROBLEMS = (
     "crowd_annotations",
     "duplicate_annotation_ids",
     "orphan_annotations",
+    "duplicate_file_names",
+    "remapped_val_categories",
+    "extra_images_already_listed",
 )
 
 
@@ -138,6 +142,10 @@ def read_sources(
     train_coco = load_coco(annotations)
     images_dir = _existing_dir(images, "images")
     val_coco = load_coco(val_annotations) if val_annotations is not None else None
+    if val_coco is not None:  # the train file's categories rule: val's are matched to them by name
+        val_coco, remapped = map_categories(val_coco, val_annotations, train_coco["categories"], annotations)
+        if remapped:
+            report.add("remapped_val_categories", f"{remapped} of {len(val_coco['categories'])}", remapped)
     val_dir = _existing_dir(val_images, "validation images") if val_images is not None else None
     extra_dir = _existing_dir(unlabeled_images, "unlabeled images") if unlabeled_images is not None else None
     extra_paths = list_image_files(extra_dir) if extra_dir is not None else []
@@ -145,6 +153,7 @@ def read_sources(
         raise InputError(f"{extra_dir}: --unlabeled-images holds no image files")
     entries = [(images_dir, e) for e in train_coco["images"]]
     entries += [(val_dir, e) for e in val_coco["images"]] if val_coco is not None else []
+    extra_paths = _not_listed(extra_dir, extra_paths, entries, report)
     paths = [folder / str(e["file_name"]) for folder, e in entries] + extra_paths
     checks = dict(zip(paths, check_images(paths)))
     categories = train_coco["categories"]
@@ -156,6 +165,18 @@ def read_sources(
         first_extra_id = max((e["id"] for _, e in entries), default=0) + 1
         sources.extras = extra_records(extra_dir, extra_paths, checks, first_extra_id, report)
     return sources
+
+
+def _not_listed(extra_dir: Path | None, paths: list[Path], entries: list, report: Report) -> list[Path]:
+    """Extra raw images that are not also a train or val image (a val image in the unlabeled pool leaks it)."""
+    listed = {os.path.realpath(folder / str(e["file_name"])) for folder, e in entries}
+    kept = []
+    for path in paths:
+        if os.path.realpath(path) in listed:
+            report.add("extra_images_already_listed", path.relative_to(extra_dir).as_posix())
+        else:
+            kept.append(path)
+    return kept
 
 
 def draw_labeled(candidates: list[int], percent: float, seed: int) -> list[int]:
