@@ -46,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks", action="store_true", help="also write polygon masks")
+    p.add_argument(
+        "--layout", choices=["standard", "small"], default="standard", help="small: many small objects in clutter"
+    )
 
     p = sub.add_parser("prepare", help="split a COCO set into labeled/unlabeled Parquet shards")
     p.add_argument("--annotations", required=True)
@@ -166,7 +169,7 @@ def check_args(args: argparse.Namespace) -> None:
 def _synth(args: argparse.Namespace) -> None:
     from pipeline.data.synth import generate
 
-    print(json.dumps(generate(args.out, args.images, args.seed, masks=args.masks), indent=2))
+    print(json.dumps(generate(args.out, args.images, args.seed, masks=args.masks, layout=args.layout), indent=2))
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -240,7 +243,8 @@ def _tune(args: argparse.Namespace) -> None:
 def _ui(args: argparse.Namespace) -> int:
     from pipeline.tracking.tracker import serve_ui, tracking_uri
 
-    return serve_ui(tracking_uri(_load(args).tracking.uri), args.host, args.port)
+    cfg = _load(args)
+    return serve_ui(tracking_uri(cfg.tracking.uri), args.host, args.port, cfg.tracking.experiment)
 
 
 COMMANDS = {

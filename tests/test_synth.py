@@ -144,3 +144,15 @@ def test_bad_input_is_rejected(tmp_path: Path, small_runs: dict[str, Path]) -> N
         generate(tmp_path / "one", 1, 0)
     with pytest.raises(InputError):
         generate(small_runs["a"], 10, 0)
+
+
+def test_small_layout_is_crowded_with_small_objects(tmp_path: Path, big_run: tuple[Path, dict]) -> None:
+    summary = generate(tmp_path / "small", 40, 0, layout="small")
+    data = json.loads((tmp_path / "small" / "train" / "annotations.json").read_text())
+    per_image = len(data["annotations"]) / summary["train_images"]
+    standard = big_run[1]["train_annotations"] / big_run[1]["train_images"]
+    assert per_image > 3 * standard  # many objects per image
+    sides = sorted(max(a["bbox"][2], a["bbox"][3]) for a in data["annotations"])
+    assert sides[len(sides) // 2] <= 16.0  # and small ones
+    with pytest.raises(InputError, match="--layout"):
+        generate(tmp_path / "bad", 10, 0, layout="huge")

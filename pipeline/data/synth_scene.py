@@ -7,6 +7,7 @@ worker process draws it or in which order.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,28 @@ from pipeline.data.synth_shapes import (
 )
 
 IMAGE_SIDE = (160, 256)  # inclusive range of image width and height, px
-OBJECT_SIDE = (8.0, 60.0)  # range of an object's longest side, px
-MAX_OBJECTS = 8
 EMPTY_FRACTION = 0.07
 MAX_COVER = 0.35  # most of an earlier object's box a later object may cover
 MIN_INSIDE = 0.6  # least share of an object's area that must lie inside the image
 PLACEMENT_TRIES = 12
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How crowded an image is: object sizes and counts, and the never-annotated clutter around them."""
+
+    object_side: tuple[float, float]  # range of an object's longest side, px (log-uniform)
+    objects: tuple[int, int]  # inclusive range of objects per non-empty image
+    distractors_under: tuple[int, int]  # clutter drawn before the objects (range, end exclusive)
+    distractors_over: tuple[int, int]  # clutter drawn on top of them
+    distractor_size: float  # scale of the clutter's polygons, arcs and lines
+
+
+LAYOUTS = {
+    "standard": Layout((8.0, 60.0), (1, 8), (2, 7), (0, 4), 1.0),
+    # Many small objects in heavy clutter of the same size: a detector's scores sit low here.
+    "small": Layout((6.0, 16.0), (8, 30), (12, 30), (4, 12), 0.4),
+}
 
 
 def _color(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -81,19 +98,21 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     return img
 
 
-def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int) -> None:
-    """One never-annotated shape outside the class list: jagged polygon, arc, segment or dot."""
+def _distractor(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int, size: float = 1.0
+) -> None:
+    """One never-annotated shape outside the class list: jagged polygon, arc, segment or dot (`size` scales it)."""
     kind = rng.choice(["polygon", "arc", "line", "dot"], p=[0.35, 0.25, 0.25, 0.15])
     cx, cy = rng.uniform(0, width), rng.uniform(0, height)
     color = _color(rng)
     if kind == "polygon":
         n = int(rng.integers(7, 12))
         angles = np.sort(rng.uniform(0, 2 * math.pi, n))
-        radii = rng.uniform(0.3, 1.0, n) * rng.uniform(5, 28)
+        radii = rng.uniform(0.3, 1.0, n) * rng.uniform(5, 28) * size
         pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
         draw.polygon([tuple(p) for p in pts.tolist()], fill=color)
     elif kind == "arc":
-        r = rng.uniform(5, 30)
+        r = rng.uniform(5, 30) * size
         start = rng.uniform(0, 360)
         draw.arc(
             [cx - r, cy - r, cx + r, cy + r],
@@ -103,7 +122,7 @@ def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int,
             width=int(rng.integers(1, 4)),
         )
     elif kind == "line":
-        length, a = rng.uniform(10, 80), rng.uniform(0, 2 * math.pi)
+        length, a = rng.uniform(10, 80) * size, rng.uniform(0, 2 * math.pi)
         end = (cx + length * math.cos(a), cy + length * math.sin(a))
         draw.line([(cx, cy), end], fill=color, width=int(rng.integers(1, 4)))
     else:
@@ -112,10 +131,11 @@ def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int,
 
 
 def _place(
-    rng: np.random.Generator, name: str, width: int, height: int, boxes: list[Box]
+    rng: np.random.Generator, name: str, width: int, height: int, boxes: list[Box], layout: Layout
 ) -> tuple[Polygon, Polygon] | None:
     """Pose one object: (full polygon, polygon clipped to the image), or None if it did not fit."""
-    side = math.exp(rng.uniform(math.log(OBJECT_SIDE[0]), math.log(OBJECT_SIDE[1])))
+    low, high = layout.object_side
+    side = math.exp(rng.uniform(math.log(low), math.log(high)))
     shape = pose(unit_shape(name, rng), rng, side)
     for _ in range(PLACEMENT_TRIES):
         poly = np.round(shape + (rng.uniform(0, width), rng.uniform(0, height)), 2)
@@ -128,15 +148,16 @@ def _place(
     return None
 
 
-def _draw_objects(img: Image.Image, rng: np.random.Generator) -> list[tuple[int, Polygon]]:
-    """Draw 0-8 objects (later ones on top); return [(category id, polygon clipped to the image)]."""
+def _draw_objects(img: Image.Image, rng: np.random.Generator, layout: Layout) -> list[tuple[int, Polygon]]:
+    """Draw the layout's objects (later ones on top); return [(category id, polygon clipped to the image)]."""
     width, height = img.size
     draw = ImageDraw.Draw(img)
-    count = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
+    low, high = layout.objects
+    count = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(low, high + 1))
     probs = np.array(CLASS_WEIGHTS) / sum(CLASS_WEIGHTS)
     objects: list[tuple[int, Polygon]] = []
     for cls in rng.choice(len(CLASS_NAMES), size=count, p=probs).tolist():
-        placed = _place(rng, CLASS_NAMES[cls], width, height, [bounding_box(p) for _, p in objects])
+        placed = _place(rng, CLASS_NAMES[cls], width, height, [bounding_box(p) for _, p in objects], layout)
         if placed is None:
             continue
         poly, clipped = placed
@@ -149,17 +170,19 @@ def _draw_objects(img: Image.Image, rng: np.random.Generator) -> list[tuple[int,
     return objects
 
 
-def render(task: tuple[int, int, Path]) -> tuple[int, int, list[tuple[int, Polygon]]]:
-    """Draw image `index` of data set `seed` to `path`; return width, height, [(class, polygon)]."""
-    seed, index, path = task
+def render(task: tuple[int, int, Path, str]) -> tuple[int, int, list[tuple[int, Polygon]]]:
+    """Draw image `index` of data set `seed` in the named layout to `path`; return width, height,
+    [(class, polygon)]."""
+    seed, index, path, layout_name = task
+    layout = LAYOUTS[layout_name]
     rng = np.random.default_rng([seed, index])
     width, height = (int(v) for v in rng.integers(IMAGE_SIDE[0], IMAGE_SIDE[1] + 1, 2))
     img = _background(rng, width, height)
-    for _ in range(int(rng.integers(2, 7))):
-        _distractor(ImageDraw.Draw(img), rng, width, height)
-    objects = _draw_objects(img, rng)
-    for _ in range(int(rng.integers(0, 4))):
-        _distractor(ImageDraw.Draw(img), rng, width, height)
+    for _ in range(int(rng.integers(*layout.distractors_under))):
+        _distractor(ImageDraw.Draw(img), rng, width, height, layout.distractor_size)
+    objects = _draw_objects(img, rng, layout)
+    for _ in range(int(rng.integers(*layout.distractors_over))):
+        _distractor(ImageDraw.Draw(img), rng, width, height, layout.distractor_size)
     # Fast zlib level and PIL's default filters: deterministic bytes for the same pixels.
     Image.fromarray(_add_grain(img, rng)).save(path, format="PNG", compress_level=1)
     return width, height, objects

@@ -302,10 +302,11 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
+def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000, experiment: str | None = None) -> int:
     """Run `mlflow ui` on the given store until it exits (Ctrl-C stops it); returns 0 (also after Ctrl-C).
 
-    The port is checked first; a UI that exits with an error is an InputError: its exit code and last line."""
+    The port is checked first; a UI that exits with an error is an InputError: its exit code and last line.
+    Once it answers, the address printed opens `experiment`'s runs table (a fresh browser lands elsewhere)."""
     check_port(host, port)
     command = ui_command(uri, host, port)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -314,7 +315,8 @@ def serve_ui(uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
             while proc.poll() is None and not relay.live:
                 if _answers(host, port):
                     relay.go_live()
-                    print(f"MLflow UI: http://{host}:{port}/ (Ctrl-C stops it)", file=sys.stderr)
+                    url = runs_url(uri, experiment, host, port) if experiment else f"http://{host}:{port}/"
+                    print(f"MLflow UI: {url} (Ctrl-C stops it)", file=sys.stderr)
                 else:
                     time.sleep(0.25)
             code = proc.wait()
