@@ -6,9 +6,10 @@ A sibling module: `python bench/<script>.py` puts bench/ on the import path.
 from __future__ import annotations
 
 import argparse
-import os
 
-CORES = os.cpu_count() or 1
+from pipeline.machine import usable_cores
+
+CORES = usable_cores()
 
 
 def input_parser(doc: str | None, images: int) -> argparse.ArgumentParser:

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ import torch
 from pipeline.config import Config, load_config
 from pipeline.data.prepare import prepare
 from pipeline.data.synth import generate
+from pipeline.machine import usable_cores
 from pipeline.training.local import train_local
 from pipeline.training.session import CHECKPOINT_NAME
 
@@ -92,7 +92,7 @@ def _cell_dir(args: argparse.Namespace, root: Path, percent: float, seed: int, w
 
 
 def _threads(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))  # cells share the cores
+    torch.set_num_threads(args.threads or max(1, usable_cores() // args.jobs))  # cells share the cores
 
 
 def _burn_in(args: argparse.Namespace, root: Path, prepared: Path, percent: float, seed: int) -> dict:

@@ -44,10 +44,11 @@ from pipeline.data.synth import generate
 from pipeline.distributed.resources import data_context
 from pipeline.distributed.streams import _block_size, _labeler_batch_bytes, _unlabeled_stream
 from pipeline.distributed.weights import get_or_create_store, publish
+from pipeline.machine import usable_cores
 from pipeline.preflight import RunInputs, check_run
 from pipeline.training.session import build_student_teacher
 
-CORES, SAMPLE_S, MB = os.cpu_count() or 1, 1.0, 1024.0
+CORES, SAMPLE_S, MB = usable_cores(), 1.0, 1024.0
 # `ssod prepare`'s default --shard-rows; the pool's first image id; synthetic images of the base set
 SHARD_ROWS, FIRST_POOL_ID, BASE_IMAGES = 256, 10**7, 200
 # tests/conftest.py's tiny_config, logging every step; one CPU (one torch thread) for the student

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.machine import usable_cores
 from pipeline.data.synth_scene import LAYOUTS, render
 from pipeline.data.synth_shapes import CLASS_NAMES, CLASS_WEIGHTS, Polygon, bounding_box, polygon_area
 from pipeline.errors import InputError
@@ -128,7 +129,7 @@ def generate(
     n_val = min(max(1, round(num_images * val_fraction)), num_images - 1)
     n_train = num_images - n_val
     if workers is None:
-        workers = min(os.cpu_count() or 1, max(1, num_images // 100))
+        workers = min(usable_cores(), max(1, num_images // 100))
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         train = _write_split(out / "train", seed, 0, n_train, masks, pool, layout)

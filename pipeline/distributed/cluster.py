@@ -21,6 +21,7 @@ import ray
 from pipeline.config import Config
 from pipeline.distributed.resources import FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS, ResourcePlan, check_fits, fits
 from pipeline.errors import InputError
+from pipeline.machine import usable_cores
 
 PROGRESS_EVERY_S = 10.0
 _AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # written by the autoscaler's monitor on the head node
@@ -40,7 +41,7 @@ def start_ray(cfg: Config, plan: ResourcePlan) -> None:
 
 
 def _start_local(cfg: Config, plan: ResourcePlan) -> None:
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if not cfg.ray.num_cpus and cfg.ray.num_workers > cores:
         raise InputError(
             f"ray.num_workers={cfg.ray.num_workers} DDP workers on a local Ray of a {cores}-core "
