@@ -33,10 +33,10 @@ from pipeline.training.local import train_local
 from pipeline.training.session import CHECKPOINT_NAME
 
 
-def _dataset(root: Path, images: int) -> Path:
+def _dataset(root: Path, images: int, layout: str) -> Path:
     coco = root / "coco"
     if not (coco / "val" / "annotations.json").exists():
-        generate(coco, images, seed=0, masks=True)  # one data set for both architectures
+        generate(coco, images, seed=0, masks=True, layout=layout)  # one data set for both architectures
     return coco
 
 
@@ -194,10 +194,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/quality.json")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
     parser.add_argument("--variant", default="", help="name of this arm in the results (default: the method)")
+    parser.add_argument("--layout", default="standard", help="synthetic scene layout (`ssod synth --layout`)")
     args = parser.parse_args()
 
     root = Path(args.root)
-    coco = _dataset(root, args.images)
+    coco = _dataset(root, args.images, args.layout)
     # Splits are made before the cells start: cells share them.
     splits = {(p, s): _split(root, coco, p, s) for p in args.percents for s in args.seeds}
     rare = rarest_classes(coco)
