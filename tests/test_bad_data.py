@@ -258,3 +258,26 @@ def test_input_error_inside_a_ray_worker_arrives_as_its_one_line():
     failed = WorkerGroupError("worker 0 failed", {0: UserExceptionWithTraceback(cause.as_instanceof_cause(), "tb")})
     assert str(find_input_error(failed)) == "image 3: bad"
     assert find_input_error(WorkerGroupError("oom", {0: MemoryError()})) is None
+
+
+def test_a_decoder_warning_about_an_image_is_counted_not_printed(tmp_path):
+    import struct
+    import warnings
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    save_image(tmp_path / "images" / "a.png")
+    header = struct.pack(">IIBBBBB", 10000, 10000, 8, 2, 0, 0, 0)  # claims 10,000 x 10,000 RGB pixels
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    (tmp_path / "images" / "big.png").write_bytes(bomb)
+    images = [image_entry(1, "a.png"), image_entry(2, "big.png")]
+    coco = write_coco(tmp_path / "train.json", images, [ann(1, 1, [1, 1, 5, 5]), ann(2, 2, [1, 1, 5, 5])])
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        report = prepare(coco, tmp_path / "images", 100, 0, tmp_path / "out")
+    assert not [w for w in shown if "pixels" in str(w.message)], [str(w.message) for w in shown]
+    assert report["corrupt_images"] == 1 and report["image_warnings"] == 1
+    [example] = report["examples"]["image_warnings"]
+    assert example.startswith("big.png: DecompressionBombWarning: Image size (100000000 pixels) exceeds limit")

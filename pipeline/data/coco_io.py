@@ -6,12 +6,15 @@ can be fixed or skipped are counted in a `Report`; the rest raise `InputError`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import struct
+import threading
+import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,7 @@ class ImageCheck:
     width: int = 0
     height: int = 0
     convert: bool = False
+    warnings: tuple[str, ...] = ()  # what the decoder warned about this file ("DecompressionBombWarning: ...")
 
 
 @dataclass
@@ -200,21 +204,54 @@ def _needs_conversion(img: Image.Image, data: bytes) -> bool:
     return img.format not in KEPT_FORMATS or img.mode != "RGB" or sixteen_bit_png
 
 
+_decoding = threading.local()  # .found: the warnings about the file this thread is decoding
+
+
+@contextlib.contextmanager
+def image_warnings_held() -> Iterator[None]:
+    """While users' images are decoded (on any thread): what PIL warns about a file (a header that claims
+    10,000 x 10,000 pixels) goes to that file's `ImageCheck.warnings`, to be counted, never to the console."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=Image.DecompressionBombWarning)
+        warnings.filterwarnings("always", module=r"PIL(\.|$)")
+        shown = warnings.showwarning
+
+        def hold(message, category, filename, lineno, file=None, line=None):
+            found = getattr(_decoding, "found", None)
+            if found is None:  # not about an image being decoded: as usual
+                shown(message, category, filename, lineno, file, line)
+            else:
+                found.append(f"{category.__name__}: {message}")
+
+        warnings.showwarning = hold
+        yield
+
+
+@contextlib.contextmanager
+def _collecting() -> Iterator[list[str]]:
+    _decoding.found = found = []
+    try:
+        yield found
+    finally:
+        _decoding.found = None
+
+
 def check_image(path: Path) -> ImageCheck:
     try:
         data = path.read_bytes()
     except (OSError, ValueError):  # ValueError: a file name with a NUL byte
         return ImageCheck("missing")
-    try:
-        width, height, convert = inspect_bytes(data)
-    except DECODE_ERRORS:
-        return ImageCheck("corrupt")
-    return ImageCheck("ok", width, height, convert)
+    with _collecting() as found:
+        try:
+            width, height, convert = inspect_bytes(data)
+        except DECODE_ERRORS:
+            return ImageCheck("corrupt", warnings=tuple(found))
+    return ImageCheck("ok", width, height, convert, tuple(found))
 
 
 def check_images(paths: list[Path]) -> list[ImageCheck]:
     """check_image over many files; PIL releases the GIL while decoding, so threads scale."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with image_warnings_held(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(check_image, paths))
 
 
@@ -239,7 +276,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def encoded_image(path: Path, convert: bool) -> bytes:
     """The bytes stored in the `image` column: the file as read, or its RGB PNG re-encoding."""
     data = path.read_bytes()
-    return to_rgb_png(data) if convert else data
+    if not convert:
+        return data
+    with _collecting():  # counted when the file was checked
+        return to_rgb_png(data)
 
 
 def build_records(
@@ -289,6 +329,8 @@ def extra_records(
 def _kept_check(name: str, path: Path, checks: dict[Path, ImageCheck], report: Report) -> ImageCheck | None:
     """The image's check when it can be used (counting conversions), None (counted) when it is skipped."""
     check = checks[path]
+    for warning in check.warnings:
+        report.add("image_warnings", f"{name}: {warning}")
     if check.status != "ok":
         report.add(f"{check.status}_images", name)
         return None

@@ -26,6 +26,7 @@ from pipeline.data.coco_io import (
     check_images,
     encoded_image,
     extra_records,
+    image_warnings_held,
     list_image_files,
     load_coco,
     map_categories,
@@ -52,6 +53,7 @@ PROBLEMS = (
     "duplicate_file_names",
     "remapped_val_categories",
     "extra_images_already_listed",
+    "image_warnings",
 )
 
 
@@ -209,7 +211,7 @@ def write_outputs(
     if sources.val is not None:
         write_json(out / schema.VAL_GT_FILE, _coco_subset(sources.val, sources.coco_categories))
     label_of = sources.label_of
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with image_warnings_held(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for name, records in splits.items():
             for old in (out / name).glob("part-*.parquet"):
                 old.unlink()
