@@ -19,6 +19,7 @@ from models.backbones import DEFAULT_ANCHORS, IMAGE_NORMALIZATION, SMALL_HEAD_BA
 from models.losses import FocalRoIHeads
 from models.pretrained import load_pretrained
 from models.torch_files import read_tensor_file
+from models.weights_report import LoadReport, PartialWeightsError, check, compare
 
 ARCHS = ("faster_rcnn", "mask_rcnn")
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -73,6 +74,7 @@ def build_detector(
     anchor_sizes: list[list[int]] | None = None,
     detections_per_image: int = 100,
     rois_per_image: int = 512,
+    allow_partial_weights: bool = False,
 ) -> nn.Module:
     """A torchvision detector for `num_classes` foreground classes (background is added here).
 
@@ -100,32 +102,32 @@ def build_detector(
         model.roi_heads, num_classes + 1, gamma, small=backbone in SMALL_HEAD_BACKBONES, rois_per_image=rois_per_image
     )
     if init_weights and weights_path:
-        load_weights(model, weights_path)
+        load_weights(model, weights_path, allow_partial_weights)
     elif init_weights and pretrained != "none":
         load_pretrained(model, backbone, pretrained)
     return model
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a detector state dict, one of our checkpoints (its teacher), or backbone-only weights."""
+def load_weights(model: nn.Module, path: str | Path, allow_partial: bool = False) -> LoadReport:
+    """Load a detector state dict, one of our checkpoints (its teacher), or backbone-only weights; a load
+    that fills less than most of the model is refused with its counts unless `allow_partial`."""
     state = read_tensor_file(path, WeightsFileError, "weights file")
+    source = str(path)
     if isinstance(state, dict) and isinstance(state.get("teacher"), dict):
-        state = state["teacher"]
+        state, source = state["teacher"], f"{path} (teacher)"
     if (
         not isinstance(state, dict)
         or not state
         or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
     ):
         raise WeightsFileError(f"{path}: expected a state dict (name -> tensor)")
-    target = model if any(k.startswith("backbone.") for k in state) else model.backbone.body
+    whole = any(k.startswith("backbone.") for k in state)
+    target = model if whole else model.backbone.body
     own = target.state_dict()
-    matched = {k: v for k, v in state.items() if k in own}
-    if not matched:
-        raise WeightsFileError(f"{path}: no parameter names match this {type(model).__name__} or its backbone")
-    for key, value in matched.items():
-        if value.shape != own[key].shape:
-            raise WeightsFileError(
-                f"{path}: shape mismatch at {key}: file has {tuple(value.shape)}, model has {tuple(own[key].shape)}"
-                " (different model.arch/backbone or number of classes?)"
-            )
-    target.load_state_dict(matched, strict=False)
+    try:
+        report = check(compare(own, state, source, "detector" if whole else "backbone"), allow_partial)
+    except PartialWeightsError as exc:
+        raise WeightsFileError(str(exc)) from None
+    usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    target.load_state_dict(usable, strict=False)
+    return report

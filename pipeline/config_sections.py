@@ -29,6 +29,9 @@ class ModelConfig(Section):
     # class-specific predictors). `weights_path`, a local file, wins when set.
     pretrained: Literal["none", "imagenet", "coco"] = "none"
     weights_path: str | None = None
+    # A load (weights_path, a checkpoint) that fills less than half of the model's tensors, or any of them
+    # with another shape, is refused with its counts; true accepts such a partial load on purpose.
+    allow_partial_weights: bool = False
     # The weak view's resize happens inside torchvision's detector transform: in training the shortest
     # edge is drawn from `min_size`, at test time the last entry is used. torchvision's 800 px default
     # is far too big for CPU work.

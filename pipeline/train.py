@@ -2,30 +2,57 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from models.weights_report import LOADS, PartialWeightsError, load_checked, load_summary
 from pipeline.config import Config
 from pipeline.data.readers import load_categories
 from pipeline.errors import InputError
 from pipeline.evaluation.evaluator import Evaluator
-from pipeline.training.session import build_student_teacher, load_checkpoint, load_part, resolve_device
+from pipeline.preflight import check_model
+from pipeline.training.session import (
+    CHECKPOINT_NAME,
+    build_student_teacher,
+    load_checkpoint,
+    resolve_device,
+    write_metrics,
+)
 
 
 def train(cfg: Config) -> Path:
     """Run burn-in + mutual learning with the configured backend; returns the run directory."""
+    LOADS.clear()
     if cfg.train.backend == "local":
         from pipeline.training.local import train_local
 
+        resume = Path(cfg.train.output_dir) / CHECKPOINT_NAME
+        if resume.is_file():  # what the resume loads, counted and checked as on Ray (preflight.check_model)
+            check_model(cfg, len(load_categories(cfg.data.prepared)), resume)
         metrics = train_local(cfg)
     else:
         from pipeline.distributed.driver import train_ray
 
         metrics = train_ray(cfg)
+    _record_loads(cfg, metrics)
     _print_summary(metrics)
     if metrics.get("stop_reason"):  # metrics.json is written and names the reason too
         raise InputError(metrics["stop_reason"])
     return Path(cfg.train.output_dir).resolve()
+
+
+def _record_loads(cfg: Config, metrics: dict[str, Any]) -> None:
+    """metrics.json's `weights_load`: what each weights load of the run matched (models.weights_report)."""
+    loads = load_summary()
+    if not loads:
+        return
+    metrics["weights_load"] = loads
+    path = Path(cfg.train.output_dir) / "metrics.json"
+    if path.is_file():
+        on_disk = json.loads(path.read_text())
+        on_disk["weights_load"] = loads
+        write_metrics(cfg.train.output_dir, on_disk)
 
 
 def _print_summary(metrics: dict[str, Any]) -> None:
@@ -40,5 +67,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, which: str = "teach
     device = resolve_device(cfg.train.device)
     categories = load_categories(cfg.data.prepared)
     model, _ = build_student_teacher(cfg, len(categories), device)
-    load_part(model, state, which, checkpoint)
-    return Evaluator.from_config(cfg)(model, device)
+    try:
+        report = load_checked(model, state[which], f"{checkpoint} ({which})", which, cfg.model.allow_partial_weights)
+    except PartialWeightsError as exc:
+        raise InputError(str(exc)) from None
+    return {**Evaluator.from_config(cfg)(model, device), "weights_load": [report.as_dict()]}

@@ -245,6 +245,7 @@ def _report(
     tally, names, skipped = labels.tally, model.names, _skipped(labels, source)
     report = {
         "model": model.source,
+        "weights_load": model.weights_load,
         "source": source.name,
         "threshold": {"rule": rule, "per_class": {names[k]: thresholds[k] for k in sorted(names)}},
         "images_found": source.total,

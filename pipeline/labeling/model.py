@@ -32,6 +32,7 @@ class LabelModel:
     state: dict[str, torch.Tensor]
     fitted_thresholds: list[float] | None  # per model label (0 = background), what `auto` training ended with
     source: str
+    weights_load: dict | None = None  # what the state matched of the model the config builds (weights_report)
 
     @property
     def names(self) -> dict[int, str]:
@@ -52,7 +53,28 @@ def from_checkpoint(
     if which not in state:
         raise InputError(f"{path}: not a training checkpoint (it has no '{which}' weights)")
     scores = state.get("scores") or {}
-    return LabelModel(cfg, _categories(cfg, prepared), state[which], scores.get("values"), f"{path} ({which})")
+    categories = _categories(cfg, prepared)
+    source = f"{path} ({which})"
+    weights, report = checked_state(cfg, len(categories), state[which], source, which)
+    return LabelModel(cfg, categories, weights, scores.get("values"), source, report)
+
+
+def checked_state(
+    cfg: Config, num_classes: int, state: dict, source: str, target: str
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """`state` checked against the model `cfg` builds (counts, refusal: models.weights_report), as a complete
+    state dict of that model: what the labelers load."""
+    from models.builders import build_detector
+    from models.weights_report import PartialWeightsError, load_checked
+
+    model = build_detector(num_classes, **{**cfg.model.model_dump(), "init_weights": False})
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{source}: expected a state dict (name -> tensor)")
+    try:
+        report = load_checked(model, state, source, target, cfg.model.allow_partial_weights)
+    except PartialWeightsError as exc:
+        raise InputError(str(exc)) from None
+    return model.state_dict(), report.as_dict()
 
 
 def _checkpoint_file(path: Path) -> Path:
@@ -116,7 +138,8 @@ def _read_bundle(folder: Path, uri: str, config: str | Path | None, overrides: l
         thresholds = [floor] + [
             float(by_name.get(c["name"], floor)) for c in sorted(categories, key=lambda c: c["label"])
         ]
-    return LabelModel(cfg, categories, state, thresholds, uri)
+    weights, report = checked_state(cfg, len(categories), state, uri, "teacher")
+    return LabelModel(cfg, categories, weights, thresholds, uri, report)
 
 
 def write_bundle(folder: Path, model: torch.nn.Module, cfg: Config, thresholds: dict[str, float] | None) -> list[str]:
