@@ -467,3 +467,114 @@ def test_a_run_records_its_weights_load_in_metrics_json(prepared, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     [load] = metrics["weights_load"]
     assert load["source"] == str(path) and load["matched"] == load["model_tensors"] and load["missing"] == 0
+
+
+# -- sweeping: every key, values of the wrong type or out of range ------------------------------------
+def _config_keys() -> list[tuple[str, object]]:
+    from pipeline.config import Config
+
+    return [
+        (f"{section}.{name}", field)
+        for section, sec_field in Config.model_fields.items()
+        for name, field in sec_field.annotation.model_fields.items()
+    ]
+
+
+def _accepts(annotation) -> set:
+    """The kinds of YAML value a key takes: int, float, bool, str, list, dict, or a set of literal strings."""
+    import types
+    import typing
+
+    kinds: set = set()
+    for member in typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,):
+        origin = typing.get_origin(member)
+        if origin is typing.Annotated:
+            kinds |= _accepts(typing.get_args(member)[0])
+        elif origin is typing.Literal:
+            kinds |= {("literal", v) for v in typing.get_args(member)}
+        elif origin in (list, dict):
+            kinds.add(origin)
+        elif member is not type(None):
+            kinds.add(member)
+    return kinds
+
+
+def _wrong_values(field):
+    """Values `field` must refuse: of a kind it does not take, or outside its bounds."""
+    import annotated_types
+    from hypothesis import strategies as st
+
+    kinds = _accepts(field.annotation)
+    literals = {v for kind, v in (k for k in kinds if isinstance(k, tuple))}
+    words = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8).filter(lambda w: w not in literals)
+    wrong = [st.fixed_dictionaries({"k": st.integers()})]  # a mapping fits no key but tune.space
+    if dict in kinds:
+        wrong = [st.integers(), st.lists(st.integers(), min_size=1, max_size=2)]
+    if list not in kinds and dict not in kinds:
+        wrong.append(st.lists(st.integers(1, 99), min_size=1, max_size=3))
+    if int not in kinds and float not in kinds and bool not in kinds:
+        if str not in kinds:  # --set gives a text key the text of a number
+            wrong.append(st.integers() | st.floats(allow_nan=False, allow_subnormal=False))
+    if bool not in kinds and str not in kinds:  # --set gives a text key the text `true` too
+        wrong.append(st.booleans())
+    if int in kinds and float not in kinds:
+        wrong.append(
+            st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False).filter(lambda x: x != int(x))
+        )
+        wrong.append(st.sampled_from([2.0, -3.0]))  # whole floats are no ints either
+    if float in kinds:
+        wrong.append(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    if (int in kinds or float in kinds or bool in kinds or list in kinds) and str not in kinds:
+        wrong.append(words | st.sampled_from(["1", "0.5", "true"]))  # a quoted number is text, not a number
+    elif literals and str not in kinds:
+        wrong.append(words)
+    for bound in field.metadata:
+        if isinstance(bound, annotated_types.Ge):
+            wrong.append(st.just(bound.ge - (1 if int in kinds and float not in kinds else 0.5)))
+        elif isinstance(bound, annotated_types.Gt):
+            wrong.append(st.just(bound.gt))
+        elif isinstance(bound, annotated_types.Le):
+            wrong.append(st.just(bound.le + (1 if int in kinds and float not in kinds else 0.5)))
+        elif isinstance(bound, annotated_types.Lt):
+            wrong.append(st.just(bound.lt))
+    return st.one_of(wrong)
+
+
+def _as_yaml(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def test_every_key_refuses_wrong_types_and_out_of_range_values_in_one_line(tmp_path_factory, capsys):
+    import yaml
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from pipeline.cli import main
+
+    folder = tmp_path_factory.mktemp("sweep")
+    keys = _config_keys()
+    cases = st.sampled_from(keys).flatmap(
+        lambda kf: st.tuples(st.just(kf[0]), _wrong_values(kf[1]), st.sampled_from(["set", "file"]))
+    )
+    nowhere = ["--set", f"data.prepared={folder / 'none'}"]  # were a value taken, the run stops here, not trains
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(cases)
+    def refused(case):
+        key, value, source = case
+        section, name = key.split(".")
+        if source == "set":
+            argv, where = ["train", "--set", f"{key}={_as_yaml(value)}"], f"--set {key}"
+        else:
+            path = folder / "c.yaml"
+            path.write_text(yaml.safe_dump({section: {name: value}}))
+            argv, where = ["train", "--config", str(path)], f"{path}: {key}"
+        capsys.readouterr()
+        code = main(argv + (nowhere if key != "data.prepared" else []))
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), (key, value, err)
+        assert where in err, (key, value, err)
+
+    refused()

@@ -281,3 +281,121 @@ def test_a_decoder_warning_about_an_image_is_counted_not_printed(tmp_path):
     assert report["corrupt_images"] == 1 and report["image_warnings"] == 1
     [example] = report["examples"]["image_warnings"]
     assert example.startswith("big.png: DecompressionBombWarning: Image size (100000000 pixels) exceeds limit")
+
+
+# -- sweeping: mutated COCO files are counted or refused, never a crash ---------------------------------
+def _junk():
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(10**20), 10**20)
+        | st.sampled_from([10**400, -1, 0, 1, 2, 3])
+        | st.floats(allow_subnormal=False)
+        | st.text(max_size=6)
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+        max_leaves=8,
+    )
+
+
+def _mutation():
+    """(part, index, field, value): set images/annotations/categories[index][field] = value (None: delete it)."""
+    from hypothesis import strategies as st
+
+    numbers = (
+        st.integers(-2, 12)
+        | st.floats(-1e9, 1e9, allow_subnormal=False)
+        | st.sampled_from([float("nan"), float("inf"), 10**400])
+    )
+    box = st.lists(numbers, min_size=0, max_size=5) | _junk()
+    polygon = st.lists(st.lists(numbers, max_size=10), max_size=3)
+    rle = st.fixed_dictionaries(
+        {
+            "size": st.lists(st.integers(-1, 50), max_size=3) | _junk(),
+            "counts": st.text("0123456789:;<=>?@AZaz", max_size=12) | st.lists(st.integers(-5, 1300), max_size=6),
+        }
+    )
+    ids = st.integers(-1, 6) | st.booleans() | st.text(max_size=2) | st.none()
+    names = (
+        st.sampled_from(["a.png", "b.png", "c.png", "", "../a.png", "a\x00.png", "missing.png", "./b.png"]) | _junk()
+    )
+    fields = {
+        "images": {"id": ids, "file_name": names, "width": _junk(), "height": _junk()},
+        "annotations": {
+            "id": ids,
+            "image_id": ids,
+            "category_id": ids,
+            "bbox": box,
+            "segmentation": polygon | rle | _junk(),
+            "iscrowd": _junk(),
+        },
+        "categories": {"id": ids, "name": st.sampled_from(["cat", "dog", "bird", "CAT", ""]) | _junk()},
+    }
+    return st.sampled_from(sorted((part, field) for part, by_field in fields.items() for field in by_field)).flatmap(
+        lambda pf: st.tuples(st.just(pf[0]), st.integers(0, 3), st.just(pf[1]), fields[pf[0]][pf[1]] | st.just(None))
+    )
+
+
+def _apply(coco: dict, mutations: list) -> dict:
+    coco = json.loads(json.dumps(coco))
+    for part, index, name, value in mutations:
+        entries = coco[part]
+        entry = entries[index % len(entries)]
+        if value is None:
+            entry.pop(name, None)
+        else:
+            entry[name] = value
+    return coco
+
+
+def test_mutated_coco_files_are_counted_or_refused_never_a_crash(tmp_path_factory):
+    import math
+    import tempfile
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    root = tmp_path_factory.mktemp("mutated")
+    for i, name in enumerate(["a.png", "b.png", "c.png"]):
+        save_image(root / "images" / name, seed=i)  # 40 x 30
+    categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]
+    base = {
+        "images": [image_entry(i + 1, n) for i, n in enumerate(["a.png", "b.png", "c.png"])],
+        "annotations": [
+            ann(1, 1, [1, 1, 10, 10], 1, segmentation=[[1, 1, 10, 1, 10, 10]]),
+            ann(2, 2, [5, 5, 20, 10], 2),
+            ann(3, 3, [0, 0, 39, 29], 3),
+            ann(4, 1, [20, 10, 5, 5], 2),
+        ],
+        "categories": categories,
+    }
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.lists(_mutation(), min_size=1, max_size=6))
+    def counted_or_refused(mutations):
+        coco = _apply(base, mutations)
+        work = Path(tempfile.mkdtemp(dir=root))
+        (work / "train.json").write_text(json.dumps(coco))
+        try:
+            report = prepare(work / "train.json", root / "images", 50, 0, work / "out")
+        except InputError as err:
+            assert "\n" not in str(err)
+            return
+        rows = [
+            r
+            for split in (schema.LABELED_DIR, schema.UNLABELED_DIR)
+            for r in pq.read_table(work / "out" / split).to_pylist()
+        ]
+        boxes = [(b, label, r) for r in rows for b, label in zip(r["boxes"], r["labels"])]
+        assert len(boxes) == report["annotations_kept"]
+        kept_categories = len(json.loads((work / "out" / schema.CATEGORIES_FILE).read_text()))
+        for (x1, y1, x2, y2), label, row in boxes:  # only boxes it accepted: inside the image, a known class
+            assert all(math.isfinite(v) for v in (x1, y1, x2, y2))
+            assert 0 <= x1 < x2 <= row["width"] and 0 <= y1 < y2 <= row["height"]
+            assert 1 <= label <= kept_categories
+
+    counted_or_refused()

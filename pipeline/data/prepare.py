@@ -171,14 +171,23 @@ def read_sources(
 
 def _not_listed(extra_dir: Path | None, paths: list[Path], entries: list, report: Report) -> list[Path]:
     """Extra raw images that are not also a train or val image (a val image in the unlabeled pool leaks it)."""
-    listed = {os.path.realpath(folder / str(e["file_name"])) for folder, e in entries}
+    if not paths:
+        return paths
+    listed = {_real(folder / str(e["file_name"])) for folder, e in entries}
     kept = []
     for path in paths:
-        if os.path.realpath(path) in listed:
+        if _real(path) in listed:
             report.add("extra_images_already_listed", path.relative_to(extra_dir).as_posix())
         else:
             kept.append(path)
     return kept
+
+
+def _real(path: Path) -> str | None:
+    try:
+        return os.path.realpath(path)
+    except ValueError:  # a NUL byte in a COCO file_name: no file of this machine
+        return None
 
 
 def draw_labeled(candidates: list[int], percent: float, seed: int) -> list[int]:
