@@ -241,7 +241,8 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from pipeline.tracking.tracker import serve_ui, tracking_uri
+    from pipeline.config import tracking_uri
+    from pipeline.tracking.ui import serve_ui
 
     cfg = _load(args)
     return serve_ui(tracking_uri(cfg.tracking.uri), args.host, args.port, cfg.tracking.experiment)

@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from models.builders import build_detector
 from pipeline.config import Config
-from pipeline.tracking import plots
-from pipeline.tracking import tracker as tracking
-from pipeline.tracking.tracker import Tracker, runs_url, serve_ui, tracking_uri
+from pipeline.tracking import plots, ui
+from pipeline.tracking.tracker import Tracker, tracking_uri
+from pipeline.tracking.ui import runs_url, serve_ui
 
 NAMES = {1: "cat", 2: "dog", 3: "bird"}
 MODEL_NAME = "ssod-teacher-test"
@@ -226,7 +226,7 @@ def test_serve_ui_runs_mlflow_ui_on_loopback(monkeypatch):
         def wait(self):
             return 0
 
-    monkeypatch.setattr(tracking.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(ui.subprocess, "Popen", FakePopen)
     assert serve_ui("sqlite:///x.db", port=free_port()) == 0
     command = seen["command"]
     assert command[1:4] == ["-m", "mlflow", "ui"]
@@ -269,7 +269,7 @@ def test_a_ui_server_that_fails_is_one_line_and_exit_2(capsys, monkeypatch):
     from pipeline.cli import main
 
     crash = "import sys; print('Traceback (most recent call last):'); print('  File x'); sys.exit('OSError: boom')"
-    monkeypatch.setattr(tracking, "ui_command", lambda uri, host, port: [sys.executable, "-c", crash])
+    monkeypatch.setattr(ui, "ui_command", lambda uri, host, port: [sys.executable, "-c", crash])
     port = free_port()
     assert main(["ui", "--port", str(port), "--set", "tracking.uri=sqlite:///never.db"]) == 2
     err = capsys.readouterr().err
