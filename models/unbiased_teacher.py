@@ -10,17 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from models.ema import ema_update
 from models.losses import unsupervised_loss
+from models.ranks import all_ranks_agree
 
 Targets = list[dict[str, Tensor]]
 
 
 @dataclass
 class Batch:
+    """What the student trains on: float images in [0, 1] and their detector targets, index by index."""
+
     images: list[Tensor]
     targets: Targets
 
@@ -30,18 +32,6 @@ class StepResult:
     losses: dict[str, float] = field(default_factory=dict)
     total: float = float("nan")
     skipped: bool = False
-
-
-def all_ranks_agree(flag: bool, device: torch.device, any_rank: bool = False) -> bool:
-    """One decision for every DDP rank: all of them (or, with `any_rank`, any of them) said yes.
-
-    Ranks that decided apart would wait for each other in the next all-reduce forever.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX if any_rank else dist.ReduceOp.MIN)
-    return bool(value.item() > 0)
 
 
 def _all_ranks_finite(value: Tensor) -> bool:
@@ -58,10 +48,23 @@ def unbiased_teacher_step(
     unsup_mask_loss: bool = True,
     grad_clip_norm: float | None = None,
 ) -> StepResult:
-    """One student update. `pseudo_labeled` holds strong views with the teacher's boxes (None in burn-in).
+    """One student update: the supervised loss, plus the weighted unsupervised loss in mutual learning.
 
     With `unsup_loss_weight` 0 (the supervised baseline) the pseudo-labeled batch is not trained on at all.
-    A non-finite loss or gradient skips the update: it is reported, and never reaches the weights.
+    A non-finite loss or gradient skips the update: it is reported, and never reaches the weights (the
+    decision is the same on every DDP rank).
+
+    Args:
+        student: the detector being trained (bare or DDP-wrapped); left in train mode.
+        optimizer: the student's optimizer; stepped unless the update is skipped.
+        labeled: labeled images in both views with their targets.
+        pseudo_labeled: strong views with the teacher's kept boxes as targets; None in burn-in.
+        unsup_loss_weight: lambda_u, the weight of the pseudo-label loss.
+        unsup_mask_loss: whether the pseudo-label loss includes Mask R-CNN's mask term.
+        grad_clip_norm: clip the gradient to this total norm (None: no clipping).
+
+    Returns:
+        The step's loss terms (floats), the total loss, and whether the update was skipped.
     """
     student.train()
     sup = student(labeled.images, labeled.targets)

@@ -22,7 +22,8 @@ from pipeline.data.shards import RowGroup, Skipped, row_groups, whole_tables
 from pipeline.errors import InputError
 from pipeline.evaluation.evaluator import load_val_set
 from pipeline.paths import writable_dir
-from pipeline.training.session import build_student_teacher, load_checkpoint, load_part
+from pipeline.training.checkpoints import load_checkpoint, load_part
+from pipeline.training.setup import build_student_teacher
 
 
 @dataclass

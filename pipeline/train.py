@@ -12,13 +12,8 @@ from pipeline.data.readers import load_categories
 from pipeline.errors import InputError
 from pipeline.evaluation.evaluator import Evaluator
 from pipeline.preflight import check_model
-from pipeline.training.session import (
-    CHECKPOINT_NAME,
-    build_student_teacher,
-    load_checkpoint,
-    resolve_device,
-    write_metrics,
-)
+from pipeline.training.checkpoints import CHECKPOINT_NAME, load_checkpoint, write_metrics
+from pipeline.training.setup import build_student_teacher, resolve_device
 
 
 def train(cfg: Config) -> Path:

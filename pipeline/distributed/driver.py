@@ -27,7 +27,7 @@ from pipeline.distributed.weights import get_or_create_store, store_name
 from pipeline.distributed.worker import train_loop_per_worker
 from pipeline.errors import InputError, find_input_error
 from pipeline.preflight import check_model, check_run
-from pipeline.training.session import CHECKPOINT_NAME, write_metrics
+from pipeline.training.checkpoints import CHECKPOINT_NAME, write_metrics
 
 
 def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:

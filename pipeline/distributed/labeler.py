@@ -5,24 +5,20 @@ Rows carry uint8 CHW images and flat box lists; masks travel as COCO RLE strings
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 import numpy as np
 import ray
 import torch
-from pycocotools import mask as mask_utils
 
 from models.builders import build_detector
 from models.pseudo_labels import PseudoLabelPolicy, Threshold
 from pipeline.config import Config
-from pipeline.data.augment import strong_view, to_float, weak_transform
-from pipeline.data.rows import DECODE_FAILURES, decode_row
+from pipeline.data.augment import to_float
+from pipeline.data.samples import Views
+from pipeline.distributed.columns import Columns, batch_rows, encode_masks, flat
 from pipeline.distributed.weights import NO_VERSION
-from pipeline.errors import InputError
 
-Batch = dict[str, np.ndarray]
 # A labeler waits at most this long for credit, then labels anyway (counted): slow beats deadlocked.
 # Long enough to outlast a slow student step, or a timed-out gate would let labelers run ahead.
 GATE_TIMEOUT_S = 60.0
@@ -38,41 +34,16 @@ def credit_window(cfg: Config) -> int:
     return max(in_flight, (ssl.max_staleness - ssl.publish_interval) * per_step)
 
 
-def batch_rows(batch: Batch) -> list[dict[str, Any]]:
-    """A Ray Data numpy batch (columns) -> its rows."""
-    n = len(batch["image_id"])
-    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
-
-
-def encode_masks(masks: torch.Tensor) -> list[str]:
-    rles = mask_utils.encode(np.asfortranarray(masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0)))
-    return [json.dumps({"size": r["size"], "counts": r["counts"].decode()}) for r in rles]
-
-
-def decode_masks(rles: list[str], height: int, width: int) -> torch.Tensor:
-    if len(rles) == 0:
-        return torch.zeros((0, height, width), dtype=torch.uint8)
-    decoded = [json.loads(r) for r in rles]
-    return torch.as_tensor(mask_utils.decode(decoded).transpose(2, 0, 1).copy())
-
-
-def _flat(boxes: torch.Tensor) -> np.ndarray:
-    return boxes.as_subclass(torch.Tensor).reshape(-1).numpy().astype(np.float32)
-
-
-def labeled_views(batch: Batch, *, with_masks: bool, flip_prob: float) -> Batch:
+def labeled_views(batch: Columns, *, with_masks: bool, flip_prob: float, where: str) -> Columns:
     """Labeled rows -> weak and strong uint8 views with their (flipped) boxes, labels and masks."""
-    weak = weak_transform(flip_prob)
+    views = Views(flip_prob, with_masks, where)  # `where`: the labeled split, which must decode whole
     out: dict[str, list] = {"image_id": [], "weak": [], "strong": [], "boxes": [], "labels": [], "masks": []}
     for row in batch_rows(batch):
-        try:
-            image, target = weak(*decode_row(row, with_masks))
-        except DECODE_FAILURES:
-            raise InputError(f"labeled image {row['image_id']} does not decode; run `ssod prepare` again") from None
+        image, target = views.decode(row)
         out["image_id"].append(row["image_id"])
         out["weak"].append(image.numpy())
-        out["strong"].append(strong_view(image).numpy())
-        out["boxes"].append(_flat(target["boxes"]))
+        out["strong"].append(views.strong(image).numpy())
+        out["boxes"].append(flat(target["boxes"]))
         out["labels"].append(target["labels"].numpy())
         out["masks"].append(encode_masks(target["masks"]) if with_masks else [])
     return out
@@ -106,7 +77,8 @@ class TeacherLabeler:
         self.version, self.batches, self.wait_timeout_s = NO_VERSION, 0, wait_timeout_s
         auto = cfg.ssl.score_threshold == "auto"  # until the first fit arrives with the weights: the floor
         self.threshold: Threshold = cfg.ssl.threshold_floor if auto else cfg.ssl.score_threshold
-        self.weak = weak_transform(cfg.data.flip_prob)
+        # an image that does not decode is skipped and counted in the store
+        self.views = Views(cfg.data.flip_prob, False, self.store.skip.remote)
 
     def _refresh_weights(self) -> None:
         if self.version != NO_VERSION and self.batches % self.check_every:
@@ -123,7 +95,7 @@ class TeacherLabeler:
             if thresholds is not None:  # `ssl.score_threshold: auto`: the trainer's current per-class fit
                 self.threshold = torch.tensor(thresholds)
 
-    def __call__(self, batch: Batch) -> Batch:
+    def __call__(self, batch: Columns) -> Columns:
         rows = len(batch["image_id"])
         key = f"{batch['image_id'][0]}+{rows}" if rows else ""  # a retry of this batch has the same key
         ray.get(self.store.acquire.remote(rows, self.window, GATE_TIMEOUT_S, self.actor_id, key, self.attempt))
@@ -139,11 +111,11 @@ class TeacherLabeler:
             "image_id": batch["image_id"][decoded],
             "file_name": batch["file_name"][decoded],
             "image": [image.numpy() for image, _ in samples],
-            "pl_boxes": [_flat(k["boxes"].cpu()) for k in kept],
+            "pl_boxes": [flat(k["boxes"].cpu()) for k in kept],
             "pl_labels": [k["labels"].cpu().numpy() for k in kept],
             "pl_scores": [k["scores"].cpu().numpy().astype(np.float32) for k in kept],
             "pl_masks": [encode_masks(k["masks"]) if self.with_masks else [] for k in kept],
-            "gt_boxes": [_flat(t["boxes"]) for _, t in samples],
+            "gt_boxes": [flat(t["boxes"]) for _, t in samples],
             "gt_labels": [t["labels"].numpy() for _, t in samples],
             "annotated": batch["annotated"][decoded],
             # every detection's score, before thresholding: what the trainer fits adaptive thresholds on
@@ -153,25 +125,24 @@ class TeacherLabeler:
             "label_seconds": np.full(len(samples), seconds, dtype=np.float64),
         }
         if self.policy.background:  # what soft background weighting needs from the teacher
-            out["pl_proposal_boxes"] = [_flat(k["proposal_boxes"].cpu()) for k in kept]
+            out["pl_proposal_boxes"] = [flat(k["proposal_boxes"].cpu()) for k in kept]
             out["pl_proposal_background"] = [k["proposal_background"].cpu().numpy() for k in kept]
         self.store.delivered.remote(self.actor_id, key)
         return out
 
-    def _decode(self, batch: Batch) -> tuple[np.ndarray, list[tuple]]:
-        """Weak views of the rows that decode (and their indices); the others are skipped and counted in the store."""
+    def _decode(self, batch: Columns) -> tuple[np.ndarray, list[tuple]]:
+        """Weak views of the rows that decode, and their indices in the batch."""
         decoded, samples = [], []
         for i, row in enumerate(batch_rows(batch)):
-            try:
-                samples.append(self.weak(*decode_row(row)))
+            sample = self.views.decode(row)
+            if sample is not None:
+                samples.append(sample)
                 decoded.append(i)
-            except DECODE_FAILURES as exc:
-                self.store.skip.remote(f"image {row['image_id']}", 1, f"undecodable image ({type(exc).__name__})")
         return np.asarray(decoded, dtype=np.int64), samples
 
 
-def add_strong_views(batch: Batch) -> Batch:
+def add_strong_views(batch: Columns) -> Columns:
     """The student's input: photometric/erasing on top of the weak view (`image`, kept for the picture of the
     teacher's boxes), made on Ray Data's CPUs."""
-    batch["strong"] = [strong_view(torch.from_numpy(image)).numpy() for image in batch["image"]]
+    batch["strong"] = [Views.strong(torch.from_numpy(image)).numpy() for image in batch["image"]]
     return batch

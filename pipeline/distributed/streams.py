@@ -26,7 +26,7 @@ from pipeline.distributed.labeler import TeacherLabeler, add_strong_views, label
 from pipeline.distributed.resources import VIEW_TASK_CPUS, ResourcePlan, data_context
 from pipeline.errors import InputError
 from pipeline.preflight import RunInputs
-from pipeline.training.session import pseudo_label_policy
+from pipeline.training.pseudo import pseudo_label_policy
 
 LABELED, UNLABELED = "labeled", "unlabeled"
 MAX_LABELED_PASSES = 64  # beyond this a long run re-executes the labeled stream per 64 passes
@@ -65,7 +65,11 @@ def build_datasets(cfg: Config, inputs: RunInputs, weights_store: str) -> dict[s
             labeled_views,
             batch_size=cfg.train.batch_size_labeled,
             num_cpus=VIEW_TASK_CPUS,
-            fn_kwargs={"with_masks": cfg.model.arch == "mask_rcnn", "flip_prob": cfg.data.flip_prob},
+            fn_kwargs={
+                "with_masks": cfg.model.arch == "mask_rcnn",
+                "flip_prob": cfg.data.flip_prob,
+                "where": str(Path(cfg.data.prepared) / LABELED),
+            },
         )
         with _block_size(_labeler_batch_bytes(cfg, inputs.pool)):
             unlabeled = _unlabeled_stream(cfg, inputs, weights_store)

@@ -1,6 +1,6 @@
-"""The Ray Train worker: `TrainingRun.run` fed by this worker's dataset shards and the teacher weight store.
+"""The Ray Train worker: the training loop fed by this worker's dataset shards and the teacher weight store.
 
-Rank 0 keeps the EMA teacher and publishes it to the store every `ssl.publish_interval` steps; the labeler
+Rank 0 keeps the EMA teacher and publishes it to the store every `ssl.sync_interval` steps; the labeler
 actors pull it from there. Rows labelled by a teacher more than `ssl.max_staleness` steps old are dropped
 and counted, never waited for.
 """
@@ -17,17 +17,21 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
-from models.unbiased_teacher import Batch, all_ranks_agree
+from models.ranks import all_ranks_agree, gather
+from models.unbiased_teacher import Batch, in_mutual_learning
 from pipeline.config import Config
 from pipeline.data.augment import to_float
-from pipeline.distributed.labeler import batch_rows, decode_masks
+from pipeline.distributed.columns import batch_rows, to_target
 from pipeline.distributed.streams import LABELED, UNLABELED
 from pipeline.distributed.weights import publish
 from pipeline.tracking.console import print_sink
-from pipeline.training.loop import TrainingRun
-from pipeline.training.session import CHECKPOINT_NAME, labeled_batch, save_checkpoint
+from pipeline.training.checkpoints import CHECKPOINT_NAME
+from pipeline.training.feed import UnlabeledBatch, labeled_batch
+from pipeline.training.hooks import Checkpointing, standard_hooks
+from pipeline.training.loop import Hook, Loop
+from pipeline.training.pseudo import PseudoLabels
+from pipeline.training.state import RunState
 
 
 def _epochs(shard, batch_size: int) -> Iterator[dict]:
@@ -82,85 +86,90 @@ class FreshRows:
         }
 
 
-def _target(boxes, labels, masks=None, size: tuple[int, int] | None = None, scores=None) -> dict[str, torch.Tensor]:
-    """Flat numpy columns of one row -> a detector target (or, with scores, a detection)."""
-    target = {"boxes": torch.from_numpy(boxes.reshape(-1, 4)), "labels": torch.from_numpy(labels)}
-    if masks is not None:
-        target["masks"] = decode_masks(list(masks), *size)
-    if scores is not None:
-        target["scores"] = torch.from_numpy(scores)
-    return target
-
-
-def _labeled_sample(row: dict, with_masks: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    weak = torch.from_numpy(row["weak"])
-    masks = row["masks"] if with_masks else None
-    return weak, torch.from_numpy(row["strong"]), _target(row["boxes"], row["labels"], masks, weak.shape[1:])
-
-
 class RayFeed:
-    """This worker's shards, the weight store, and `ray.train.report` as the checkpoint."""
+    """This worker's dataset shards; the unlabeled one starts once `PublishTeacher` put a teacher in the store."""
 
-    def __init__(self, run: TrainingRun, store_name: str):
-        cfg = run.cfg
-        self.store, self.device, self.with_masks = ray.get_actor(store_name), run.device, run.with_masks
-        if run.rank == 0:
+    def __init__(self, cfg: Config, rank: int, device: torch.device, store: ray.actor.ActorHandle):
+        self.cfg, self.store, self.device = cfg, store, device
+        self.with_masks = cfg.model.arch == "mask_rcnn"
+        if rank == 0:
             ray.get(self.store.begin_attempt.remote())
-        all_ranks_agree(True, self.device)  # no rank's stream starts on the last attempt's store
-        self.labeled = _epochs(ray.train.get_dataset_shard(LABELED), cfg.train.batch_size_labeled)
+        all_ranks_agree(True, device)  # no rank's stream starts on the last attempt's store
+        self.labeled_batches = _epochs(ray.train.get_dataset_shard(LABELED), cfg.train.batch_size_labeled)
         self.fresh: FreshRows | None = None
 
-    def labeled_batch(self) -> Batch:
-        return labeled_batch([_labeled_sample(row, self.with_masks) for row in batch_rows(next(self.labeled))])
+    def labeled(self) -> Batch:
+        samples = []
+        for row in batch_rows(next(self.labeled_batches)):
+            weak, masks = torch.from_numpy(row["weak"]), row["masks"] if self.with_masks else None
+            target = to_target(row["boxes"], row["labels"], masks, weak.shape[1:])
+            samples.append((weak, torch.from_numpy(row["strong"]), target))
+        return labeled_batch(samples)
 
-    def pseudo_batch(self, run: TrainingRun) -> Batch | None:
-        cfg = run.cfg
-        if self.fresh is None:  # the stream starts once the first teacher is in the store
-            if run.rank == 0:
-                ray.get(publish(self.store, run.step, run.teacher, run.scores.published()))
-            all_ranks_agree(True, self.device)  # a barrier: no rank pulls before the publish
+    def unlabeled(self, step: int) -> UnlabeledBatch | None:
+        if self.fresh is None:
             shard = ray.train.get_dataset_shard(UNLABELED)
             batches = shard.iter_batches(
-                batch_size=cfg.ray.labeler_batch_size, batch_format="numpy", prefetch_batches=1
+                batch_size=self.cfg.ray.labeler_batch_size, batch_format="numpy", prefetch_batches=1
             )
-            self.fresh = FreshRows(batches, cfg.ssl.max_staleness)
-        rows = self.fresh.take(cfg.train.batch_size_unlabeled, run.step)
+            self.fresh = FreshRows(batches, self.cfg.ssl.max_staleness)
+        rows = self.fresh.take(self.cfg.train.batch_size_unlabeled, step)
         self.store.consumed.remote(self.fresh.pulled_since_last())
-        if rows is None:
-            return None
-        if self.fresh.label_seconds and run.step % cfg.train.log_period == 0:
-            run.log(self.fresh.summary())
-        return run.pseudo_batch(*self._pseudo_inputs(run, rows))
+        return None if rows is None else self._batch(rows)
 
-    @staticmethod
-    def _pseudo_inputs(run: TrainingRun, rows: list[dict]) -> tuple[list, list, list, list]:
-        weak, strong, kept, held_aside = [], [], [], []
+    def _batch(self, rows: list[dict]) -> UnlabeledBatch:
+        batch = UnlabeledBatch([], [], [], [], kept=[], teacher_versions=[])
         for row in rows:
             image = torch.from_numpy(row["image"])
-            masks = row["pl_masks"] if run.with_masks else None
-            kept.append(_target(row["pl_boxes"], row["pl_labels"], masks, image.shape[1:], row["pl_scores"]))
+            masks = row["pl_masks"] if self.with_masks else None
+            kept = to_target(row["pl_boxes"], row["pl_labels"], masks, image.shape[1:], row["pl_scores"])
             if "pl_proposal_boxes" in row:  # soft background weighting: the teacher's proposals ride along
-                kept[-1].update(
+                kept.update(
                     proposal_boxes=torch.from_numpy(row["pl_proposal_boxes"].reshape(-1, 4)),
                     proposal_background=torch.from_numpy(row["pl_proposal_background"]),
                     image_size=torch.tensor(image.shape[1:]),
                 )
-            held_aside.append(_target(row["gt_boxes"], row["gt_labels"]) if row["annotated"] else None)
-            if run.rank == 0:  # rank 0 fits the thresholds it publishes
-                run.scores.observe(
-                    [
-                        {
-                            "labels": torch.from_numpy(row["teacher_labels"]),
-                            "scores": torch.from_numpy(row["teacher_scores"]),
-                        }
-                    ]
-                )
-            run.stats.add_staleness(run.step - int(row["teacher_version"]))
-            weak.append(to_float(image))
-            strong.append(to_float(torch.from_numpy(row["strong"])))
-        return weak, strong, kept, held_aside
+            batch.kept.append(kept)
+            batch.detections.append(
+                {"labels": torch.from_numpy(row["teacher_labels"]), "scores": torch.from_numpy(row["teacher_scores"])}
+            )
+            batch.held_aside.append(to_target(row["gt_boxes"], row["gt_labels"]) if row["annotated"] else None)
+            batch.teacher_versions.append(int(row["teacher_version"]))
+            batch.weak.append(to_float(image))
+            batch.strong.append(to_float(torch.from_numpy(row["strong"])))
+        return batch
 
-    def after_step(self, run: TrainingRun) -> None:
+    def scalars(self) -> dict[str, float]:
+        return self.fresh.summary() if self.fresh is not None and self.fresh.label_seconds else {}
+
+    def summary(self) -> dict[str, Any]:
+        fresh = self.fresh
+        per_worker = gather({"rows": fresh.taken if fresh else 0, "versions": sorted(fresh.versions) if fresh else []})
+        return {
+            **(fresh.summary() if fresh else {"stale_rows_dropped": 0}),
+            **ray.get(self.store.counters.remote()),
+            **ray.get(self.store.skipped.remote()),
+            "pseudo_rows_per_worker": [w["rows"] for w in per_worker],
+            "teacher_versions_seen": sorted({v for w in per_worker for v in w["versions"]}),
+        }
+
+
+class PublishTeacher(Hook):
+    """Rank 0 puts the teacher (and the adaptive thresholds) in the weight store: before the first
+    pseudo-labeled step, while every rank waits, then every `ssl.sync_interval` steps of mutual learning."""
+
+    def __init__(self, store: ray.actor.ActorHandle):
+        self.store, self.started = store, False
+
+    def before_step(self, run: RunState) -> None:
+        if self.started or not in_mutual_learning(run.step + 1, run.cfg.ssl.burn_in_steps):
+            return
+        if run.rank == 0:
+            ray.get(publish(self.store, run.step, run.teacher, run.scores.published()))
+        all_ranks_agree(True, run.device)  # a barrier: no rank pulls before the publish
+        self.started = True
+
+    def after_step(self, run: RunState) -> None:
         ssl = run.cfg.ssl
         if (
             run.rank == 0
@@ -169,69 +178,55 @@ class RayFeed:
         ):
             publish(self.store, run.step, run.teacher, run.scores.published())
 
-    def any_rank(self, flag: bool) -> bool:
-        return all_ranks_agree(flag, self.device, any_rank=True)
 
-    def checkpoint(self, run: TrainingRun) -> None:
-        _report(run, {"step": run.step, **_latest_ap(run)})
+class RayCheckpointing(Checkpointing):
+    """Checkpoints go to Ray Train with every rank's report (rank 0's carries it); the last report also
+    carries metrics.json for the driver."""
 
-    def finish(self, run: TrainingRun) -> dict[str, Any]:
-        fresh = self.fresh
-        per_worker = _gather({"rows": fresh.taken if fresh else 0, "versions": sorted(fresh.versions) if fresh else []})
-        extra = {
-            **(fresh.summary() if fresh else {"stale_rows_dropped": 0}),
-            **ray.get(self.store.counters.remote()),
-            **ray.get(self.store.skipped.remote()),
-            "pseudo_rows_per_worker": [w["rows"] for w in per_worker],
-            "teacher_versions_seen": sorted({v for w in per_worker for v in w["versions"]}),
-        }
-        metrics = run.finish(extra) if run.rank == 0 else {}
-        if run.rank == 0 and run.stop_reason is None:  # beside metrics.json, as the local runner leaves it
-            save_checkpoint(run.state(), run.run_dir)
-        _report(run, {"step": run.step, **_latest_ap(run), "metrics_json": json.dumps(metrics)})
-        return metrics
+    def save(self, run: RunState) -> None:
+        _report(run, {"step": run.step, **run.latest_ap()})
+
+    def after_run(self, run: RunState) -> None:
+        super().after_run(run)  # beside metrics.json, as the local runner leaves it
+        _report(run, {"step": run.step, **run.latest_ap(), "metrics_json": json.dumps(run.metrics)})
 
 
-def train_loop_per_worker(config: dict) -> None:
-    cfg = Config.model_validate(config["cfg"])
-    rank, device = ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
-    run = TrainingRun(
-        cfg,
-        config["run_dir"],
-        rank=rank,
-        device=device,
-        parent_run_id=config.get("parent_run_id"),
-        sinks=[print_sink] if rank == 0 else None,
-    )
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            run.restore(Path(directory) / CHECKPOINT_NAME)
-    # Two forward passes (labeled, pseudo-labeled) precede one backward: buffers must not be re-broadcast.
-    run.student = ray.train.torch.prepare_model(run.student, parallel_strategy_kwargs={"broadcast_buffers": False})
-    run.run(RayFeed(run, config["store"]))
-
-
-def _gather(value: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def _latest_ap(run: TrainingRun) -> dict[str, float]:
-    if not run.history:  # Tune's scheduler expects its metric in every report
-        return {"teacher_AP": 0.0, "student_AP": 0.0}
-    last = run.history[-1]
-    return {"teacher_AP": last["teacher"]["bbox"]["AP"], "student_AP": last["student"]["bbox"]["AP"]}
-
-
-def _report(run: TrainingRun, metrics: dict[str, Any]) -> None:
-    """Every rank reports; rank 0's report carries the checkpoint."""
+def _report(run: RunState, metrics: dict[str, Any]) -> None:
+    """Every rank reports (Tune's scheduler expects its metric in each); rank 0's report carries the checkpoint."""
     if run.rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
         torch.save(run.state(), Path(directory) / CHECKPOINT_NAME)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's worker function: one train worker's run, resumed from Ray Train's checkpoint if any.
+
+    Args:
+        config: `cfg` (the config as a dict), `run_dir`, `store` (the weight store's actor name) and
+            `parent_run_id` (the Tune trial's MLflow parent run, or None).
+    """
+    cfg = Config.model_validate(config["cfg"])
+    rank, device = ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
+    run = RunState(cfg, config["run_dir"], rank=rank, device=device, sinks=[print_sink] if rank == 0 else None)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            run.restore(Path(directory) / CHECKPOINT_NAME)
+    # Two forward passes (labeled, pseudo-labeled) precede one backward: buffers must not be re-broadcast.
+    run.wrap_student(
+        lambda student: ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"broadcast_buffers": False})
+    )
+    store = ray.get_actor(config["store"])
+    feed = RayFeed(cfg, rank, device, store)
+    hooks = standard_hooks(
+        run,
+        RayCheckpointing(),
+        feed.summary,
+        publisher=PublishTeacher(store),
+        stream_scalars=feed.scalars,
+        parent_run_id=config.get("parent_run_id"),
+    )
+    Loop(run, feed, PseudoLabels(), hooks).run()

@@ -28,7 +28,8 @@ from pipeline.data.coco_io import Report, write_json
 from pipeline.data.readers import ImageFolder, list_image_folder, load_split, read_image_folder, read_prepared
 from pipeline.data.schema import LABELED_DIR, UNLABELED_DIR, VAL_DIR
 from pipeline.distributed.cluster import start_ray
-from pipeline.distributed.labeler import TeacherLabeler, batch_rows, decode_masks
+from pipeline.distributed.columns import batch_rows, decode_masks
+from pipeline.distributed.labeler import TeacherLabeler
 from pipeline.distributed.resources import data_context, plan_labeling
 from pipeline.distributed.weights import get_or_create_store, store_name
 from pipeline.errors import InputError

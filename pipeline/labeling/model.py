@@ -18,7 +18,7 @@ import torch
 from pipeline.config import Config, dump_config, load_config, tracking_uri
 from pipeline.data.readers import load_categories
 from pipeline.errors import InputError
-from pipeline.training.session import CHECKPOINT_NAME, load_checkpoint
+from pipeline.training.checkpoints import CHECKPOINT_NAME, load_checkpoint
 
 CONFIG_NAME = "config.yaml"
 BUNDLE_STATE, BUNDLE_CATEGORIES, BUNDLE_THRESHOLDS = "teacher_state.pt", "categories.json", "thresholds.json"

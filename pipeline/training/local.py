@@ -5,17 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
+from models.pseudo_labels import PseudoLabelPolicy
 from models.unbiased_teacher import Batch
 from pipeline.config import Config
-from pipeline.data.augment import strong_view, to_float, to_model_target, weak_transform
-from pipeline.data.rows import DECODE_FAILURES, decode_row, infinite_indices
+from pipeline.data.augment import to_float, to_model_target
+from pipeline.data.rows import infinite_indices
+from pipeline.data.samples import Views
 from pipeline.data.schema import LABELED_DIR, UNLABELED_DIR
 from pipeline.data.shards import Skipped, read_pool, read_rows
 from pipeline.errors import InputError
 from pipeline.preflight import RunInputs, check_run
 from pipeline.tracking.console import print_sink
-from pipeline.training.loop import TrainingRun
-from pipeline.training.session import CHECKPOINT_NAME, labeled_batch, pseudo_label_policy, save_checkpoint
+from pipeline.training.checkpoints import CHECKPOINT_NAME
+from pipeline.training.feed import UnlabeledBatch, labeled_batch
+from pipeline.training.hooks import Checkpointing, standard_hooks
+from pipeline.training.loop import Loop
+from pipeline.training.pseudo import PseudoLabels, pseudo_label_policy
+from pipeline.training.state import RunState
 
 
 class SampleStream:
@@ -34,91 +40,82 @@ class SampleStream:
         where: Path,
         skipped: Skipped | None = None,
     ):
-        self.rows, self.with_masks, self.where, self.skipped = rows, with_masks, where, skipped
+        self.rows, self.where = rows, where
+        self.views = Views(flip_prob, with_masks, where if skipped is None else skipped.add)
         self.order: Iterator[int] = infinite_indices(len(rows), seed)
-        self.weak = weak_transform(flip_prob)
         self.bad: set[int] = set()
 
     def next(self, n: int) -> list[tuple[dict[str, Any], Any, dict]]:
+        """`n` (row, weak view, target) triples."""
         samples = []
         while len(samples) < n:
             index = next(self.order)
             if index in self.bad:
                 continue
-            row = self.rows[index]
-            try:
-                samples.append((row, *self.weak(*decode_row(row, self.with_masks))))
-            except DECODE_FAILURES:
-                self._undecodable(index, row)
+            sample = self.views.decode(self.rows[index])
+            if sample is not None:
+                samples.append((self.rows[index], *sample))
+                continue
+            self.bad.add(index)
+            if len(self.bad) == len(self.rows):
+                raise InputError(f"{self.where}: no image of the unlabeled pool decodes")
         return samples
-
-    def _undecodable(self, index: int, row: dict[str, Any]) -> None:
-        if self.skipped is None:
-            raise InputError(f"{self.where}: image {row['image_id']} does not decode; run `ssod prepare` again")
-        self.bad.add(index)
-        self.skipped.add(f"image {row['image_id']}", 1, "undecodable image bytes")
-        if len(self.bad) == len(self.rows):
-            raise InputError(f"{self.where}: no image of the unlabeled pool decodes")
 
 
 class LocalFeed:
-    """In-process streams of the prepared splits; the run's own teacher labels the unlabeled one."""
+    """In-process streams of the prepared splits; the run's own teacher detects on the unlabeled one."""
 
-    def __init__(self, cfg: Config, with_masks: bool, inputs: RunInputs, num_classes: int):
-        prepared, train = Path(cfg.data.prepared), cfg.train
-        self.policy = pseudo_label_policy(cfg, num_classes)
-        self.labeled = SampleStream(
-            read_rows(prepared / LABELED_DIR), train.seed, with_masks, cfg.data.flip_prob, prepared / LABELED_DIR
-        )
-        self.unlabeled = SampleStream(
-            read_pool(inputs.pool, inputs.skipped),
-            train.seed + 1,
-            False,
-            cfg.data.flip_prob,
-            prepared / UNLABELED_DIR,
-            inputs.skipped,
-        )
-        self.skipped = inputs.skipped
-        self.batch_size_labeled, self.batch_size_unlabeled = train.batch_size_labeled, train.batch_size_unlabeled
-
-    def labeled_batch(self) -> Batch:
-        return labeled_batch(
-            [
-                (image, strong_view(image), to_model_target(target))
-                for _, image, target in self.labeled.next(self.batch_size_labeled)
-            ]
+    def __init__(self, run: RunState, inputs: RunInputs, policy: PseudoLabelPolicy):
+        cfg, prepared = run.cfg, Path(run.cfg.data.prepared)
+        self.teacher, self.device, self.policy, self.skipped = run.teacher, run.device, policy, inputs.skipped
+        seed, flip = cfg.train.seed, cfg.data.flip_prob
+        labeled = read_rows(prepared / LABELED_DIR)
+        self.labeled_stream = SampleStream(labeled, seed, run.with_masks, flip, prepared / LABELED_DIR)
+        pool = read_pool(inputs.pool, inputs.skipped)
+        self.unlabeled_stream = SampleStream(pool, seed + 1, False, flip, prepared / UNLABELED_DIR, inputs.skipped)
+        self.batch_size_labeled, self.batch_size_unlabeled = (
+            cfg.train.batch_size_labeled,
+            cfg.train.batch_size_unlabeled,
         )
 
-    def pseudo_batch(self, run: TrainingRun) -> Batch:
-        samples = self.unlabeled.next(self.batch_size_unlabeled)
-        weak = [to_float(image).to(run.device) for _, image, _ in samples]
-        detections = self.policy.detect(run.teacher, weak)
-        run.scores.observe(detections)
-        kept = self.policy.keep(detections, run.scores.threshold)
-        strong = [to_float(strong_view(image)) for _, image, _ in samples]
-        held_aside = [to_model_target(target) if row["annotated"] else None for row, _, target in samples]
-        return run.pseudo_batch(weak, strong, kept, held_aside)
+    def labeled(self) -> Batch:
+        samples = self.labeled_stream.next(self.batch_size_labeled)
+        return labeled_batch([(image, Views.strong(image), to_model_target(target)) for _, image, target in samples])
 
-    def after_step(self, run: TrainingRun) -> None:
-        pass  # the teacher lives in this process: nothing to publish
+    def unlabeled(self, step: int) -> UnlabeledBatch:
+        samples = self.unlabeled_stream.next(self.batch_size_unlabeled)
+        weak = [to_float(image).to(self.device) for _, image, _ in samples]
+        detections = self.policy.detect(self.teacher, weak)
+        return UnlabeledBatch(
+            weak=weak,
+            strong=[to_float(Views.strong(image)) for _, image, _ in samples],
+            detections=detections,
+            held_aside=[to_model_target(target) if row["annotated"] else None for row, _, target in samples],
+        )
 
-    def any_rank(self, flag: bool) -> bool:
-        return flag
+    def scalars(self) -> dict[str, float]:
+        return {}
 
-    def checkpoint(self, run: TrainingRun) -> None:
-        save_checkpoint(run.state(), run.run_dir)
-
-    def finish(self, run: TrainingRun) -> dict[str, Any]:
-        metrics = run.finish(self.skipped.metrics())
-        if run.stop_reason is None:  # a diverged run keeps its last periodic checkpoint, not the broken weights
-            save_checkpoint(run.state(), run.run_dir)
-        return metrics
+    def summary(self) -> dict[str, Any]:
+        return self.skipped.metrics()
 
 
 def train_local(cfg: Config, sinks: list | None = None) -> dict[str, Any]:
+    """Train in this process: check the inputs, resume from `train.output_dir`'s checkpoint if there is
+    one, run the loop, and write metrics.json and the last checkpoint there.
+
+    Args:
+        cfg: the validated config (`train.backend` is not read here).
+        sinks: more scalar sinks `(step, metrics) -> None` beside the console (and MLflow when tracked).
+
+    Returns:
+        metrics.json's content; `stop_reason` is not None when the run ended early (diverged, ran dry).
+    """
     inputs = check_run(cfg)
     run_dir = Path(cfg.train.output_dir)
-    run = TrainingRun(cfg, run_dir, sinks=[print_sink, *(sinks or [])])
+    run = RunState(cfg, run_dir, sinks=[print_sink, *(sinks or [])])
     if (run_dir / CHECKPOINT_NAME).exists():
         run.restore(run_dir / CHECKPOINT_NAME)
-    return run.run(LocalFeed(cfg, run.with_masks, inputs, len(run.names)))
+    policy = pseudo_label_policy(cfg, len(run.names))
+    feed = LocalFeed(run, inputs, policy)
+    return Loop(run, feed, PseudoLabels(policy), standard_hooks(run, Checkpointing(), feed.summary)).run()
