@@ -23,15 +23,12 @@ from pipeline.data.coco_io import (
     Report,
     build_records,
     category_table,
-    check_images,
-    encoded_image,
     extra_records,
-    image_warnings_held,
-    list_image_files,
     load_coco,
     map_categories,
     write_json,
 )
+from pipeline.data.image_files import check_images, encoded_image, image_warnings_held, list_image_files
 from pipeline.errors import InputError
 from pipeline.paths import output_errors, writable_dir
 

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.data import schema
-from pipeline.data.coco_io import DECODE_ERRORS, IMAGE_EXTENSIONS, inspect_bytes, read_json, to_rgb_png
+from pipeline.data.coco_io import read_json
+from pipeline.data.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS, inspect_bytes, to_rgb_png
 from pipeline.errors import InputError
 
 if TYPE_CHECKING:

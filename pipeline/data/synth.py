@@ -33,16 +33,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import multiprocessing.pool
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.machine import usable_cores
 from pipeline.data.synth_scene import LAYOUTS, render
 from pipeline.data.synth_shapes import CLASS_NAMES, CLASS_WEIGHTS, Polygon, bounding_box, polygon_area
 from pipeline.errors import InputError
+from pipeline.machine import usable_cores
 from pipeline.paths import writable_dir
 
 __all__ = ["CLASS_NAMES", "CLASS_WEIGHTS", "generate"]
