@@ -77,7 +77,9 @@ class Config(Section):
         return self
 
     def to_flat_dict(self) -> dict[str, Any]:
-        return {f"{s}.{k}": v for s, sec in self.model_dump(exclude={"tune"}).items() for k, v in sec.items()}
+        """`section.key` -> the value the run uses (a derived one too, as `ssl.sync_interval`), `tune` aside."""
+        sections = [name for name in type(self).model_fields if name != "tune"]
+        return {f"{s}.{k}": v for s in sections for k, v in getattr(self, s).__dict__.items()}
 
     def with_absolute_paths(self) -> "Config":
         """Local paths made absolute: Ray workers and Tune trials run in other working directories."""
@@ -98,14 +100,12 @@ class Config(Section):
     def with_overrides(self, flat: dict[str, Any]) -> "Config":
         """A validated copy with `section.key` values replaced (a Tune trial's config)."""
         tree = self.model_dump()
-        if self.ssl.ema_span is not None:  # keep one spelling of the EMA rate
-            if "ssl.ema_keep_rate" in flat:
-                tree["ssl"]["ema_span"] = None
-            else:
-                tree["ssl"].pop("ema_keep_rate")
         for key, value in flat.items():
             section, _, name = key.partition(".")
             tree[section][name] = value
+            other = type(getattr(self, section)).other_spelling.get(name)
+            if other is not None:  # the value given replaces the other spelling's
+                tree[section].pop(other, None)
         return Config.model_validate(tree)
 
 
@@ -115,7 +115,7 @@ def tracking_uri(cfg_uri: str | None) -> str:
 
 
 def _absolute_store(uri: str) -> str:
-    """A relative sqlite store made absolute: on Ray the default ./mlflow.db landed in Ray's session dir."""
+    """A relative sqlite store made absolute: Ray workers run in Ray's session directory, not in this one."""
     prefix = "sqlite:///"
     path = uri[len(prefix) :]
     return f"{prefix}{Path(path).resolve()}" if uri.startswith(prefix) and not path.startswith("/") else uri
@@ -223,7 +223,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    data = cfg.model_dump()
-    if cfg.ssl.ema_span is not None:
-        data["ssl"].pop("ema_keep_rate")
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -6,9 +6,9 @@ are on `pipeline.config.Config`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
 from models.backbones import DEFAULT_ANCHORS
 from models.ema import keep_rate_from_span
@@ -16,10 +16,24 @@ from models.pretrained import check_supported
 
 
 class Section(BaseModel):
-    # NaN and infinity are refused everywhere: `train.lr=.inf` destroyed the weights at step 1.
-    # Strict types: no bool taken for a number (`train.steps=true` trained 1 step), no float truncated into
+    # NaN and infinity are refused everywhere: `train.lr=.inf` would turn the weights to NaN at the first step.
+    # Strict types: no bool taken for a number (`train.steps=true` would mean 1 step), no float truncated into
     # an int, no number read out of a string. A float key takes an int (YAML reads `1` as an int).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
+    # Keys that spell another key's value (`ssl.ema_span` for `ssl.ema_keep_rate`): setting one in
+    # `Config.with_overrides` drops the other.
+    other_spelling: ClassVar[dict[str, str]] = {}
+    _derived: set[str] = PrivateAttr(default_factory=set)  # keys whose value follows another key
+
+    def _derive(self, key: str, value: Any) -> None:
+        """Set `key` from another key: the code reads one name, and a dump leaves it out, so it follows its
+        source again when the dump is read back (a Ray worker's config, a Tune trial's, config.yaml)."""
+        object.__setattr__(self, key, value)
+        self._derived.add(key)
+
+    @model_serializer(mode="wrap")
+    def _without_derived(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k not in self._derived}
 
 
 class ModelConfig(Section):
@@ -86,6 +100,7 @@ class SSLConfig(Section):
     # The product's spelling: the EMA spans the N most recent iterations, k = 1 - 2/(N+1).
     ema_span: int | None = Field(None, ge=1)
     teacher_update_interval: int = Field(1, ge=1)
+    # Steps between publishing the teacher to the labelers (None: `teacher_update_interval`).
     sync_interval: int | None = Field(None, ge=1, description="publish period; default: every refresh")
     max_staleness: int = Field(16, ge=1)
     unsup_mask_loss: bool = True
@@ -101,26 +116,27 @@ class SSLConfig(Section):
     density_floor: float = Field(0.5, ge=0)
     density_min_score: float = Field(0.3, ge=0, le=1)
 
+    other_spelling: ClassVar[dict[str, str]] = {"ema_keep_rate": "ema_span", "ema_span": "ema_keep_rate"}
+
     @model_validator(mode="after")
-    def _span_or_rate(self) -> "SSLConfig":
+    def _one_value_per_setting(self) -> "SSLConfig":
         if self.ema_span is not None:
             if "ema_keep_rate" in self.model_fields_set:
                 raise ValueError("ssl.ema_keep_rate and ssl.ema_span are two spellings of one value: give one")
-            object.__setattr__(self, "ema_keep_rate", keep_rate_from_span(self.ema_span))
+            self._derive("ema_keep_rate", keep_rate_from_span(self.ema_span))
+        if self.sync_interval is None:
+            self._derive("sync_interval", self.teacher_update_interval)
         if self.threshold_floor > self.threshold_ceiling:
             raise ValueError(
                 f"ssl.threshold_floor ({self.threshold_floor}) exceeds ssl.threshold_ceiling ({self.threshold_ceiling})"
             )
-        if self.max_staleness <= self.publish_interval:
+        if self.max_staleness <= self.sync_interval:
             raise ValueError(
-                f"ssl.max_staleness ({self.max_staleness}) must exceed the publish interval "
-                f"({self.publish_interval}): a row ages that much before the next teacher arrives"
+                f"ssl.max_staleness ({self.max_staleness}) must exceed ssl.sync_interval ({self.sync_interval}"
+                f"{', from ssl.teacher_update_interval' if 'sync_interval' in self._derived else ''}): "
+                "a row ages that much before the next teacher arrives"
             )
         return self
-
-    @property
-    def publish_interval(self) -> int:
-        return self.sync_interval or self.teacher_update_interval
 
 
 class TrainConfig(Section):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.errors import InputError
 
 
@@ -32,3 +32,12 @@ def test_ema_span_is_the_products_spelling_and_conflicts_are_refused():
         load_config(None, ["ssl.ema_span=1999", "ssl.ema_keep_rate=0.9"])
     with pytest.raises(InputError, match="max_staleness"):
         load_config(None, ["ssl.max_staleness=2", "ssl.sync_interval=4"])
+
+
+def test_a_derived_value_follows_its_source_through_a_dump_and_an_override():
+    cfg = load_config(None, ["ssl.ema_span=1999"])
+    again = Config.model_validate(cfg.model_dump())  # how Ray workers and labelers receive the config
+    assert again.ssl.ema_keep_rate == pytest.approx(0.999) and again.ssl.sync_interval == 1
+    trial = cfg.with_overrides({"ssl.ema_keep_rate": 0.9, "ssl.teacher_update_interval": 3})  # a Tune trial
+    assert (trial.ssl.ema_span, trial.ssl.ema_keep_rate, trial.ssl.sync_interval) == (None, 0.9, 3)
+    assert cfg.to_flat_dict()["ssl.ema_keep_rate"] == pytest.approx(0.999)  # tracked as the run uses it

@@ -31,7 +31,7 @@ def credit_window(cfg: Config) -> int:
     r, ssl = cfg.ray, cfg.ssl
     per_step = cfg.train.batch_size_unlabeled * r.num_workers
     in_flight = r.labeler_batch_size * (r.num_labelers + 1 + 2 * r.num_workers)
-    return max(in_flight, (ssl.max_staleness - ssl.publish_interval) * per_step)
+    return max(in_flight, (ssl.max_staleness - ssl.sync_interval) * per_step)
 
 
 def labeled_views(batch: Columns, *, with_masks: bool, flip_prob: float, where: str) -> Columns:

@@ -171,11 +171,7 @@ class PublishTeacher(Hook):
 
     def after_step(self, run: RunState) -> None:
         ssl = run.cfg.ssl
-        if (
-            run.rank == 0
-            and run.step > ssl.burn_in_steps
-            and (run.step - ssl.burn_in_steps) % ssl.publish_interval == 0
-        ):
+        if run.rank == 0 and run.step > ssl.burn_in_steps and (run.step - ssl.burn_in_steps) % ssl.sync_interval == 0:
             publish(self.store, run.step, run.teacher, run.scores.published())
 
 
