@@ -31,7 +31,18 @@ from pipeline.training.checkpoints import CHECKPOINT_NAME, write_metrics
 
 
 def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Check the inputs, plan resources, start or join Ray, fit the TorchTrainer, write metrics.json on the driver."""
+    """Train on Ray: check the inputs, plan resources, start or join Ray, fit the TorchTrainer (labeler actors
+    feed DDP train workers), and write metrics.json on the driver. A second call with the same
+    `train.output_dir` resumes Ray Train's run from its last checkpoint.
+
+    Args:
+        cfg: the validated config (`train.backend` is not read here; `ray.*` sizes the run).
+        callbacks: Ray Train callbacks for the run (Tune passes its own).
+        parent_run_id: the MLflow run to nest this run's tracking under (a Tune search's).
+
+    Returns:
+        metrics.json's content, as rank 0 wrote it; `stop_reason` is not None when the run ended early.
+    """
     inputs = check_run(cfg)  # before the paths become absolute: the same message as the local runner's
     cfg = cfg.with_absolute_paths()
     run_dir = Path(cfg.train.output_dir)
@@ -83,8 +94,8 @@ def train_ray(cfg: Config, callbacks: list | None = None, parent_run_id: str | N
 @contextlib.contextmanager
 def _sigterm_aborts_the_run() -> Iterator[None]:
     """SIGTERM stops the run the way Ctrl-C does: Ray Train's own SIGINT handler (set while `fit` runs) aborts
-    the worker group, then the CLI exits 130. (`ray.init` had replaced our SIGTERM handler with a bare exit,
-    which took the driver down mid-call: SIGABRT.)"""
+    the worker group, then the CLI exits 130. (`ray.init` replaces the SIGTERM handler with a bare exit, which
+    would take the driver down mid-call: SIGABRT.)"""
     if threading.current_thread() is not threading.main_thread():  # under Tune: its own handling
         yield
         return

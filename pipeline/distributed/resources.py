@@ -24,11 +24,11 @@ VIEW_TASK_CPUS = 0.25  # a weak/strong view task of either stream
 # the CPUs nobody reserved in whole CPUs between them. The unlabeled stream starts after burn-in with no
 # reservation and asks for nothing until it has throughput, so it gets going only if that split gives it
 # a whole CPU: one for each of the two streams on top of the labeled stream's reservation. Without it
-# the stream waited for the labeled stream to end (minutes), or for ever once that stream was
+# the stream waits for the labeled stream to end (minutes), or for ever once that stream is
 # backpressured.
 STREAM_START_CPUS = 2.0
 # Parquet V2 listing starts this many footer-reader actor processes (default 32) per listing, and each
-# stream lists once per pass: on 2 cores that process churn took more CPU than the student.
+# stream lists once per pass: on 2 cores that process churn takes more CPU than the student.
 FOOTER_ACTORS_ENV, LOCAL_FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2"
 
 

@@ -43,7 +43,7 @@ def _labeled_passes(cfg: Config, num_labeled: int) -> int:
     """Passes over the labeled set in one execution (at most MAX_LABELED_PASSES).
 
     Each new execution asks Ray Data's autoscaling coordinator for CPUs afresh; while the unlabeled
-    stream ran, a second labeled epoch was granted none ("1/0 CPU") and mutual learning stalled.
+    stream runs, a second labeled epoch is granted none ("1/0 CPU") and mutual learning stalls.
     """
     rows_needed = cfg.train.steps * cfg.train.batch_size_labeled * cfg.ray.num_workers
     return min(math.ceil(rows_needed / max(num_labeled, 1)) + 1, MAX_LABELED_PASSES)
@@ -59,7 +59,7 @@ def build_datasets(cfg: Config, inputs: RunInputs, weights_store: str) -> dict[s
     if inputs.num_labeled < r.num_workers:
         raise InputError(f"{inputs.num_labeled} labeled images cannot be split over ray.num_workers={r.num_workers}")
     labeled_groups, _ = row_groups(Path(cfg.data.prepared) / LABELED)  # whole: the preflight read every one
-    # The streams' progress bars, relayed through the driver, were thousands of console lines per step.
+    # The streams' progress bars, relayed through the driver, would be thousands of console lines per step.
     with data_context(enable_progress_bars=False):
         labeled = read_row_groups(labeled_groups, _labeled_passes(cfg, inputs.num_labeled)).map_batches(
             labeled_views,
@@ -130,8 +130,8 @@ def _unlabeled_stream(cfg: Config, inputs: RunInputs, weights_store: str) -> ray
     folder = read_image_folder(cfg.data.unlabeled_folder) if cfg.data.unlabeled_folder else None
     passes = _unlabeled_passes(cfg, inputs.pool_rows + (folder.count() if folder is not None else 0))
     # The shards' passes are one read operator, not a union of passes: Ray Data reserves each read operator a
-    # whole read CPU of the stream's budget (resources.py), so two passes took all of it and the strong views
-    # ran only once both had read the whole pool (10k images: the first pseudo batch 11 minutes after burn-in).
+    # whole read CPU of the stream's budget (resources.py), so two passes would take all of it and the strong
+    # views would run only once both had read the whole pool (minutes for 10k images).
     parts = [read_row_groups(inputs.pool, passes, weights_store)] if inputs.pool else []
     if folder is not None:  # the preflight refused a run with neither
         parts.append(_passes(folder, passes))
