@@ -139,6 +139,9 @@ class Tracking(Hook):
         run.sinks.append(self.tracker)
         self.pictured_step: int | None = None
 
+    def before_run(self, run: RunState) -> None:
+        self.pictured_step = run.history[-1]["step"] if run.history else None  # a resumed run's last evaluation
+
     def after_step(self, run: RunState) -> None:
         if run.history and run.history[-1]["step"] == run.step != self.pictured_step:
             self.pictured_step = run.step
