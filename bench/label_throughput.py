@@ -31,7 +31,7 @@ from pipeline.data.readers import load_categories
 from pipeline.data.rows import decode_image_bytes
 from pipeline.labeling.label import LabelJob, label
 from pipeline.labeling.model import LabelModel
-from pipeline.training.session import build_student_teacher, resolve_device
+from pipeline.training.setup import build_student_teacher, resolve_device
 
 
 def write_folder(prepared: Path, n: int, folder: Path) -> list[Path]:

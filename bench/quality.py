@@ -29,8 +29,8 @@ from pipeline.config import Config, load_config
 from pipeline.data.prepare import prepare
 from pipeline.data.synth import generate
 from pipeline.machine import usable_cores
+from pipeline.training.checkpoints import CHECKPOINT_NAME
 from pipeline.training.local import train_local
-from pipeline.training.session import CHECKPOINT_NAME
 
 
 def _dataset(root: Path, images: int, layout: str) -> Path:

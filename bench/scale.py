@@ -46,7 +46,7 @@ from pipeline.distributed.streams import _block_size, _labeler_batch_bytes, _unl
 from pipeline.distributed.weights import get_or_create_store, publish
 from pipeline.machine import usable_cores
 from pipeline.preflight import RunInputs, check_run
-from pipeline.training.session import build_student_teacher
+from pipeline.training.setup import build_student_teacher
 
 CORES, SAMPLE_S, MB = usable_cores(), 1.0, 1024.0
 # `ssod prepare`'s default --shard-rows; the pool's first image id; synthetic images of the base set

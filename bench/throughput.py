@@ -29,7 +29,8 @@ from pipeline.data.readers import load_categories, read_prepared
 from pipeline.data.rows import decode_row, read_rows
 from pipeline.distributed.labeler import TeacherLabeler
 from pipeline.distributed.weights import get_or_create_store, publish
-from pipeline.training.session import build_optimizer, build_student_teacher, labeled_batch, resolve_device, to_device
+from pipeline.training.feed import labeled_batch, to_device
+from pipeline.training.setup import build_optimizer, build_student_teacher, resolve_device
 
 
 def _samples(cfg: Config, split: str, n: int) -> list:

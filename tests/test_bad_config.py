@@ -158,7 +158,7 @@ def test_weights_file_error_is_one_line_without_unsafe_advice(bad_files, name, p
 
 
 def train_local_build(path: Path) -> None:
-    from pipeline.training.session import build_student_teacher
+    from pipeline.training.setup import build_student_teacher
 
     cfg = load_config(None, [f"model.weights_path={path}"])
     build_student_teacher(cfg, 3, torch.device("cpu"))
@@ -413,7 +413,7 @@ def test_a_partial_load_on_purpose_is_taken_and_counted(tmp_path, capsys):
     torch.save(keep, path)
     LOADS.clear()
     cfg = load_config(None, [f"model.weights_path={path}", "model.allow_partial_weights=true"])
-    from pipeline.training.session import build_student_teacher
+    from pipeline.training.setup import build_student_teacher
 
     student, _ = build_student_teacher(cfg, 3, torch.device("cpu"))
     [report] = LOADS

@@ -23,7 +23,7 @@ from conftest import ROOT, tiny_config
 
 from pipeline.config import dump_config
 from pipeline.distributed.driver import _latest_checkpoint
-from pipeline.training.session import load_checkpoint
+from pipeline.training.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slow  # three Ray runs
 

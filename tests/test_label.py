@@ -76,7 +76,7 @@ def test_model_uri_from_a_local_registry(
 
     from pipeline.labeling.model import from_checkpoint
     from pipeline.tracking.tracker import Tracker
-    from pipeline.training.session import build_student_teacher
+    from pipeline.training.setup import build_student_teacher
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts under ./mlruns

@@ -149,7 +149,7 @@ def test_a_run_with_every_remedy_trains_on_both_backends(request, prepared, tmp_
 
     from pipeline.distributed.driver import train_ray
     from pipeline.training.local import train_local
-    from pipeline.training.session import labeled_boxes_per_image
+    from pipeline.training.pseudo_stats import labeled_boxes_per_image
 
     if backend == "ray":
         request.getfixturevalue("ray_cluster")

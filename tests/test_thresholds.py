@@ -69,7 +69,7 @@ def test_published_thresholds_reach_the_labeler_with_the_weights(ray_cluster, pr
     from pipeline.data.schema import UNLABELED_DIR
     from pipeline.distributed.labeler import TeacherLabeler
     from pipeline.distributed.weights import get_or_create_store, publish
-    from pipeline.training.session import build_student_teacher
+    from pipeline.training.setup import build_student_teacher
 
     cfg = tiny_config(prepared, tmp_path, "ssl.score_threshold=auto", "model.min_size=[96]")
     num_classes = len(load_categories(prepared))
