@@ -48,9 +48,25 @@ def error_of(call, *args, **kwargs) -> str:
     return message
 
 
-def assert_one_line_error(done: subprocess.CompletedProcess, *names: str) -> None:
+def assert_one_line(code: int, stderr: str, *names: str) -> None:
     """Exit code 2 and stderr `error: ...` on one line naming every one of `names`, no traceback."""
-    assert done.returncode == 2, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert code == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     assert all(name in lines[0] for name in names), lines[0]
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *names: str) -> None:
+    """`assert_one_line` of a CLI run in its own process."""
+    assert_one_line(done.returncode, done.stderr, *names)
+
+
+def cli_refuses(capsys: pytest.CaptureFixture, argv: list[str], *names: str) -> str:
+    """`pipeline.cli.main(argv)` in this process refuses in one line (`assert_one_line`); returns stderr."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert_one_line(code, err, *names)
+    return err

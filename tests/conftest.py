@@ -94,9 +94,10 @@ def sets(*assignments: str) -> list[str]:
 def cli(
     *argv: str, prefix: tuple[str, ...] = (), env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """`python -m pipeline.cli ARGV` as a user runs it (from the repository root, after `prefix`), output as text."""
+    """The `ssod` console script with ARGV in a process of its own, as a user runs it (from the repository root,
+    after `prefix`), output as text. An error-message case calls `pipeline.cli.main` in the test's process."""
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "pipeline.cli", *argv],
+        [*prefix, str(Path(sys.executable).with_name("ssod")), *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,

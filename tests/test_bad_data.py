@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from badinput import copy_prepared, damage_row_group, edit_json, error_of, first_shard
 from cocofix import ann, dataset, image_entry, save_image, truncate, write_coco
-from conftest import tiny_config
+from conftest import tiny_config, train_briefly
 
 from pipeline.data import schema
 from pipeline.data.prepare import prepare
@@ -181,14 +181,20 @@ def test_every_image_labeled_leaves_no_unlabeled_pool(tmp_path):
     assert "the unlabeled pool is empty; mutual learning needs unlabeled images" in error_of(train, cfg)
 
 
+@pytest.mark.slow
 def test_split_file_without_counts_still_trains(prepared, tmp_path):
     broken = copy_prepared(prepared, tmp_path / "p")
     edit_json(broken / "split.json", lambda s: [s.pop(k) for k in ("num_labeled", "num_unlabeled", "num_val")])
-    inputs = check_run(tiny_config(broken, tmp_path / "run", "train.backend=ray"))
-    assert inputs.num_labeled == len(json.loads((broken / "split.json").read_text())["labeled"])
+    split = json.loads((broken / "split.json").read_text())
+    inputs = check_run(tiny_config(broken, tmp_path / "ray", "train.backend=ray"))  # what a Ray run plans with
+    assert inputs.num_labeled == len(split["labeled"]) and inputs.pool_rows == len(split["unlabeled"])
+    metrics = train_briefly(broken, tmp_path / "run", "train.steps=3")  # 2 burn-in steps, 1 on pseudo-labels
+    assert metrics["steps"] == 3 and metrics["stop_reason"] is None and metrics["pseudo_labeled_images"] > 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
 
 
 # -- ssod train: skipped and counted, the run goes on --------------------------------------------------------
+@pytest.mark.slow  # trains end to end
 def test_corrupt_unlabeled_rows_are_skipped_and_counted(prepared, tmp_path):
     broken = copy_prepared(prepared, tmp_path / "p")
     shard = first_shard(broken / "unlabeled")
@@ -216,6 +222,7 @@ def test_undecodable_unlabeled_image_is_skipped_and_counted_but_a_labeled_one_is
         SampleStream(rows[1:], 0, False, 0.5, tmp_path / "labeled").next(1)
 
 
+@pytest.mark.slow  # trains end to end
 def test_run_whose_steps_are_mostly_skipped_stops_with_a_reason(prepared, tmp_path):
     cfg = tiny_config(
         prepared,

@@ -73,36 +73,6 @@ def test_cli_train_prints_run_dir_last_and_evaluate_prints_json(prepared, tmp_pa
     assert "AP50" in json.loads(evaluated.stdout)["bbox"]
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["train", "--set", "ssl.unknown=1"], "ssl.unknown"),
-        (["train", "--set", "ssl.score_threshold=1.5"], "ssl.score_threshold"),
-        (["train", "--set", "model.weights_path=/nonexistent/w.pt", "--set", "train.backend=local"], "w.pt"),
-        (["evaluate", "--checkpoint", "/nonexistent/c.pt"], "c.pt"),
-        (
-            [
-                "prepare",
-                "--annotations",
-                "/nonexistent/a.json",
-                "--images",
-                "/tmp",
-                "--percent",
-                "1",
-                "--out",
-                "/tmp/x",
-            ],
-            "a.json",
-        ),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_code_2(prepared, argv, message):
-    prepared_set = sets(f"data.prepared={prepared}") if argv[0] != "prepare" else []
-    done = cli(*argv, *prepared_set, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and message in done.stderr and "Traceback" not in done.stderr
-
-
 @pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_mask_rcnn_refuses_a_set_without_segmentations(tmp_path, backend):
     coco = tmp_path / "coco"

@@ -43,6 +43,7 @@ def test_per_class_thresholds_filter_by_label():
     assert kept["labels"].tolist() == [1, 2] and kept["scores"].tolist() == pytest.approx([0.6, 0.9])
 
 
+@pytest.mark.slow  # trains end to end
 def test_thresholds_survive_a_checkpoint_round_trip(prepared, tmp_path):
     cfg = tiny_config(
         prepared,
