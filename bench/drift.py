@@ -1,12 +1,13 @@
 """The drift picture of long quality cells: teacher AP of every arm and pseudo-label precision against the step.
 
-    python bench/drift.py bench/results/long_supervised.json bench/results/long_ema0996.json ... \
-        --out docs/img --table
+    python bench/drift.py bench/results/long_supervised.json ema0996=bench/results/long_ema0996.json ... \
+        --out docs/img
 
-Reads the rows `bench/quality.py` writes (each with its evaluation `history`), or, for an arm still running,
+Reads the rows `bench/quality.py` writes (each with its evaluation `history`; `NAME=FILE` names the arm of
+a file whose rows carry no variant), or, for an arm still running,
 its console log (`--log NAME=FILE`: the `{"step": ..., "teacher/bbox/AP": ...}` lines print_sink writes).
 Draws one PNG per cell (arch, labels %, seed): teacher AP of each arm on top, the pseudo-label precision
-and boxes per image of each evaluation interval below. Prints one table row per arm: AP at the last step,
+of each evaluation interval below (the supervised arm's teacher, scored on the same stream, dashed). Prints one table row per arm: AP at the last step,
 ratio to the supervised arm, rare-class AP, pseudo-label precision/recall/boxes per image of the last interval.
 """
 
@@ -22,8 +23,13 @@ from matplotlib.figure import Figure
 Cell = tuple[str, float, int]
 
 
-def _rows(paths: list[str]) -> list[dict]:
-    return [row for path in paths for row in json.loads(Path(path).read_text())]
+def _rows(specs: list[str]) -> list[dict]:
+    rows = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        for row in json.loads(Path(path).read_text()):
+            rows.append({**row, "variant": name} if name else row)
+    return rows
 
 
 def _log_history(path: str) -> list[dict]:
@@ -63,15 +69,14 @@ def _name(row: dict) -> str:
 def draw(cell: Cell, rows: list[dict], out: Path) -> Path:
     figure = Figure(figsize=(7, 6.5))
     ap_axes, pl_axes = figure.subplots(2, 1, sharex=True)
-    for row in rows:
+    for index, row in enumerate(rows):
+        color, style = f"C{index}", "--" if _name(row) == "supervised" else "-"
         steps = [h["step"] for h in row["history"]]
-        ap_axes.plot(steps, [h["teacher_AP"] for h in row["history"]], marker="o", label=_name(row))
-        if _name(row) == "supervised":
-            continue
+        ap_axes.plot(steps, [h["teacher_AP"] for h in row["history"]], marker="o", color=color, label=_name(row))
         precision = [(h["step"], h.get("pseudo_label_precision")) for h in row["history"]]
         precision = [(s, p) for s, p in precision if p is not None]
         if precision:
-            pl_axes.plot(*zip(*precision), marker="o", label=f"{_name(row)} precision")
+            pl_axes.plot(*zip(*precision), marker="o", color=color, linestyle=style, label=_name(row))
     arch, percent, seed = cell
     ap_axes.set(ylabel="teacher AP", title=f"{arch}, {percent:g} % labels, seed {seed}")
     pl_axes.set(xlabel="step", ylabel="pseudo-label precision (interval)")
@@ -108,7 +113,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="*", help="results files of bench/quality.py")
+    parser.add_argument("results", nargs="*", help="results files of bench/quality.py, each FILE or NAME=FILE")
     parser.add_argument("--log", action="append", default=[], help="NAME=FILE: an arm still running, from its log")
     parser.add_argument("--cell", default="faster_rcnn,1,0", help="the cell of the --log arms: arch,percent,seed")
     parser.add_argument("--out", default="bench/results")
