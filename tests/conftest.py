@@ -183,3 +183,20 @@ def threshold(faster_run: Path, image_folder: Path) -> float:
     scores = teacher_detections(model, [image])[0]["scores"]
     assert len(scores) > 10, "the teacher detected next to nothing"
     return round(float(torch.median(scores)), 4)
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> Path:
+    """Files a user might point a weights, checkpoint or config argument at by mistake."""
+    import pickle
+
+    import torch
+
+    (tmp_path / "text.pt").write_text("these are not weights\n")
+    torch.save({"model": pickle.PickleError}, tmp_path / "objects.pt")  # a pickled class, not a tensor
+    torch.save({"a": torch.zeros(2)}, tmp_path / "zip.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:100])
+    (tmp_path / "dir.pt").mkdir()
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "existing").write_text("a file")
+    return tmp_path
