@@ -1,9 +1,11 @@
-"""The distributed pipeline on a real local Ray: 2 DDP train workers, 2 labeler actors, refusal."""
+"""The distributed pipeline on a real local Ray: 2 DDP train workers, 2 labeler actors (with every remedy against
+the drift: the labelers produce what the student needs), refusal."""
 
 import json
 
 import pytest
 from conftest import PRETRAINED, tiny_config
+from test_remedies import REMEDIES, assert_density_capped
 
 from pipeline.distributed.cluster import start_ray
 from pipeline.distributed.driver import train_ray
@@ -30,9 +32,10 @@ RAY_SETTINGS = [
 def test_two_workers_two_labelers_bounded_staleness_and_one_schedule(ray_cluster, prepared, tmp_path):
     # Credit window: max(in flight 1 x (2 labelers + 1 + 2 x 2 workers), (6 - 2) x 2 rows) = 8 rows = 4 steps,
     # so the 10 mutual-learning steps must see teachers published after the first.
-    cfg = tiny_config(prepared, tmp_path / "run", *RAY_SETTINGS, *PRETRAINED)  # frozen norms under DDP and EMA
+    cfg = tiny_config(prepared, tmp_path / "run", *RAY_SETTINGS, *PRETRAINED, *REMEDIES)  # frozen norms under DDP
     metrics = train_ray(cfg)
-    assert metrics["steps"] == 14
+    assert metrics["steps"] == 14 and metrics["stop_reason"] is None
+    assert_density_capped(metrics, prepared)
     assert len(metrics["teacher_versions_seen"]) > 1, "labelers never reloaded the teacher"
     assert len(metrics["pseudo_rows_per_worker"]) == 2 and min(metrics["pseudo_rows_per_worker"]) > 0
     assert metrics["staleness_max"] <= cfg.ssl.max_staleness
