@@ -136,7 +136,7 @@ def _cell(
         "percent": percent,
         "seed": seed,
         "method": method,
-        "variant": args.variant or method,
+        "variant": args.variant if args.variant and method != "supervised" else method,
         "steps": args.steps,
         "burn_in": args.burn_in,
         "burn_in_teacher_AP": burn_in["teacher_AP"],
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per cell (default: cores / jobs)")
     parser.add_argument("--out", default="bench/results/quality.json")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
-    parser.add_argument("--variant", default="", help="name of this arm in the results (default: the method)")
+    parser.add_argument("--variant", default="", help="name of the UT arm in the results (default: the method)")
     parser.add_argument("--layout", default="standard", help="synthetic scene layout (`ssod synth --layout`)")
     args = parser.parse_args()
 
