@@ -8,7 +8,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
+
+from pipeline.data import schema
+from pipeline.data.prepare import prepare
 
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 12, "name": "bird"}]
 LABEL_OF = {3: 1, 7: 2, 12: 3}
@@ -91,3 +95,16 @@ def dataset(root: Path, annotated: int = 50, empty: int = 3, first_id: int = 100
     path = root / "train.json"
     path.write_text(json.dumps(coco))
     return path, images_dir, coco
+
+
+def rows(out: Path, split: str) -> list[dict]:
+    table = pq.read_table(out / split)
+    assert table.schema.equals(schema.ROW_SCHEMA)
+    return table.to_pylist()
+
+
+def run_one(tmp_path: Path, images: list[dict], anns: list[dict], **kwargs: object) -> tuple[dict, Path]:
+    """prepare() on a hand-made COCO file at 100 %; returns (report, out dir)."""
+    coco = write_coco(tmp_path / "train.json", images, anns)
+    out = tmp_path / "out"
+    return prepare(coco, tmp_path / "images", 100, 0, out, **kwargs), out
