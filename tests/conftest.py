@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The local Rays of the tests (and `ray start` in the job test) inherit this: see resources.FOOTER_ACTORS_ENV.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 
-from cocofix import truncate  # noqa: E402
+from cocofix import dataset, truncate  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
@@ -33,6 +33,12 @@ def synthetic_coco(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate(root / "coco", 150, seed=3, masks=True)
     return root / "coco"
+
+
+@pytest.fixture
+def coco_set(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A small COCO file with real images (`cocofix.dataset`): (annotations path, images dir, the COCO dict)."""
+    return dataset(tmp_path)
 
 
 def prepare_split(coco: Path, percent: float, out: Path, annotations: Path | None = None) -> dict:

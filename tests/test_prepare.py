@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +13,6 @@ from cocofix import (
     LABEL_OF,
     SIZE,
     ann,
-    dataset,
     image_entry,
     pixels,
     rows,
@@ -28,11 +26,6 @@ from PIL import Image
 from pipeline.data import schema
 from pipeline.data.prepare import prepare
 from pipeline.errors import InputError
-
-
-@pytest.fixture
-def coco_set(tmp_path: Path) -> tuple[Path, Path, dict]:
-    return dataset(tmp_path)
 
 
 def test_split_is_deterministic_and_covers_every_image(coco_set, tmp_path):

@@ -6,16 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from cocofix import CATEGORIES, LABEL_OF, ann, dataset, image_entry, rows, run_one, save_image, write_coco
+from cocofix import CATEGORIES, LABEL_OF, ann, image_entry, rows, run_one, save_image, write_coco
 
 from pipeline.data import schema
 from pipeline.data.prepare import prepare
 from pipeline.errors import InputError
-
-
-@pytest.fixture
-def coco_set(tmp_path: Path) -> tuple[Path, Path, dict]:
-    return dataset(tmp_path)
 
 
 def test_duplicate_image_ids(tmp_path):
