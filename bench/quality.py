@@ -17,7 +17,9 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -95,11 +97,24 @@ def _threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or max(1, usable_cores() // args.jobs))  # cells share the cores
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool workers outlive a killed parent and would keep writing checkpoints a relaunch resumes from."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _burn_in(args: argparse.Namespace, root: Path, prepared: Path, percent: float, seed: int) -> dict:
     """Burn-in is the same supervised run for both methods (same seed): run it once and resume from it."""
     _threads(args)
-    # Keyed by what shapes burn-in (not the SSL settings), so a grid with other SSL settings reuses it.
+    # Keyed by what shapes burn-in (not the SSL settings), so a grid with other SSL settings reuses it. The
+    # torch thread count is part of it: on a CPU the same burn-in ends elsewhere with another thread count.
     shape = [args.config, args.arch, args.burn_in, args.eval_images, *(o for o in args.set if not o.startswith("ssl."))]
+    shape.append(torch.get_num_threads())
     key = hashlib.sha1(json.dumps(shape).encode()).hexdigest()[:8]
     out = root / "runs" / "burn_in" / f"{args.arch}_p{percent:g}_s{seed}_b{args.burn_in}_{key}"
     done = out / "metrics.json"
@@ -205,7 +220,10 @@ def main() -> None:
     out_path = Path(args.out)
     rows = json.loads(out_path.read_text()) if out_path.exists() else []
     # spawn: a forked child cannot use CUDA once the parent has touched it
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=spawn, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         burn_ins = dict(zip(splits, pool.map(_burn_in, *zip(*[(args, root, splits[k], *k) for k in splits]))))
         futures = [
             pool.submit(_cell, args, root, splits[p, s], p, s, m, rare, burn_ins[p, s])
