@@ -30,6 +30,29 @@ def softmax_focal_loss(logits: Tensor, labels: Tensor, gamma: float = 1.5, weigh
     return (loss if weights is None else weights * loss).sum() / labels.numel()
 
 
+def soft_focal_loss(logits: Tensor, targets: Tensor, gamma: float = 1.5, weights: Tensor | None = None) -> Tensor:
+    """`softmax_focal_loss` against class distributions (rows of `targets`) instead of labels:
+    sum_k q_k (1 - p_k)^gamma (-log p_k) per ROI; a one-hot row gives the hard loss of its label."""
+    if logits.numel() == 0:
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(logits, -1)
+    loss = (targets * (1.0 - log_p.exp()) ** gamma * -log_p).sum(-1)
+    return (loss if weights is None else weights * loss).sum() / len(logits)
+
+
+def soft_class_targets(labels: list[Tensor], matched_idxs: list[Tensor], targets: list[dict], classes: int) -> Tensor:
+    """Each sampled ROI's class target: its label one-hot, or for a foreground ROI the class distribution
+    the teacher gave the pseudo-box it was matched to (`target["class_probs"]`)."""
+    rows = []
+    for lab, matched, target in zip(labels, matched_idxs, targets):
+        row = F.one_hot(lab, classes).to(target["class_probs"].dtype)
+        foreground = lab > 0
+        if foreground.any():
+            row[foreground] = target["class_probs"][matched[foreground]].to(row.device)
+        rows.append(row)
+    return torch.cat(rows)
+
+
 def background_weights(
     proposals: Tensor, labels: Tensor, image_shape: tuple[int, int], target: dict[str, Tensor]
 ) -> Tensor:
@@ -81,10 +104,12 @@ class FocalRoIHeads(RoIHeads):
             weights = torch.cat(
                 [background_weights(p, lab, s, t) for p, lab, s, t in zip(proposals, labels, image_shapes, targets)]
             )
-        losses = {
-            "loss_classifier": softmax_focal_loss(class_logits, torch.cat(labels), self.focal_gamma, weights),
-            "loss_box_reg": loss_box_reg,
-        }
+        if targets is not None and all("class_probs" in t for t in targets):  # soft class targets
+            soft = soft_class_targets(labels, matched_idxs, targets, class_logits.shape[-1])
+            loss_classifier = soft_focal_loss(class_logits, soft, self.focal_gamma, weights)
+        else:
+            loss_classifier = softmax_focal_loss(class_logits, torch.cat(labels), self.focal_gamma, weights)
+        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         if self.has_mask():
             losses["loss_mask"] = self._mask_loss(features, proposals, image_shapes, targets, labels, matched_idxs)
         return [], losses

@@ -1,9 +1,11 @@
 """Pseudo-labelling: the teacher on the weak view (optionally with its mirror), eval-mode post-processing,
 the score threshold and the density prior.
 
-A teacher's output per image: `boxes`, `labels`, `scores` (and `masks` for Mask R-CNN), and with
+A teacher's output per image: `boxes`, `labels`, `scores` (and `masks` for Mask R-CNN); with
 `background=True` also `proposal_boxes` / `proposal_background`: its top RPN proposals and the probability
-its ROI head gives each of them of being background (what soft background weighting reads).
+its ROI head gives each of them of being background (what soft background weighting reads); with
+`class_probs=True` also `class_probs`: its ROI head's class distribution (background first) of each detected
+box (what soft class targets read).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class DensityPrior:
 
 def _mirror(detection: dict[str, Tensor], width: int) -> dict[str, Tensor]:
     """Detections on a horizontally flipped image, mapped back onto the original image."""
-    out = dict(detection)
+    out = dict(detection)  # class probabilities do not change under a mirror
     for key in ("boxes", "proposal_boxes"):
         if key in out:
             boxes = out[key].clone()
@@ -67,7 +69,7 @@ def fuse_views(a: dict[str, Tensor], b: dict[str, Tensor], iou: float = FLIP_MAT
     """One set of detections from two views of the same image (`b` already mapped onto `a`'s geometry).
 
     Greedy one-to-one matching by score (same class, IoU >= `iou`): a matched pair becomes one box, the
-    score-weighted mean of the two, with the mean score (and mean mask probability); a box only one view
+    score-weighted mean of the two, with the mean score (and mean mask and class probabilities); a box only one view
     saw keeps its coordinates at half its score (the other view gave it 0). Proposals of the two views are
     pooled, so background probabilities come from both.
     """
@@ -98,8 +100,9 @@ def fuse_views(a: dict[str, Tensor], b: dict[str, Tensor], iou: float = FLIP_MAT
         "labels": torch.cat([a["labels"][ia], a["labels"][only_a], b["labels"][only_b]]),
         "scores": torch.cat([(sa + sb) / 2, a["scores"][only_a] / 2, b["scores"][only_b] / 2]),
     }
-    if "masks" in a:
-        fused["masks"] = torch.cat([(a["masks"][ia] + b["masks"][ib]) / 2, a["masks"][only_a], b["masks"][only_b]])
+    for key in ("masks", "class_probs"):  # a pair averages its mask and class probabilities
+        if key in a:
+            fused[key] = torch.cat([(a[key][ia] + b[key][ib]) / 2, a[key][only_a], b[key][only_b]])
     if "proposal_boxes" in a:
         fused.update({k: torch.cat([a[k], b[k]]) for k in ("proposal_boxes", "proposal_background")})
         fused["image_size"] = a["image_size"]
@@ -113,26 +116,34 @@ def _complement(index: Tensor, n: int) -> Tensor:
     return torch.nonzero(mask).flatten()
 
 
-def _background_probabilities(teacher: nn.Module, features, proposals, image_sizes) -> list[Tensor]:
-    """The teacher ROI head's background probability of each of its own top proposals."""
+def _roi_softmax(teacher: nn.Module, features, boxes: list[Tensor], image_sizes) -> list[Tensor]:
+    """The teacher ROI head's class distribution (background first) of each box, image by image."""
     heads = teacher.roi_heads
-    proposals = [p[:BACKGROUND_PROPOSALS] for p in proposals]
-    box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
-    logits, _ = heads.box_predictor(box_features)
-    return list(torch.softmax(logits, -1)[:, 0].split([len(p) for p in proposals]))
+    logits, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, boxes, image_sizes)))
+    return list(torch.softmax(logits, -1).split([len(b) for b in boxes]))
 
 
-def _teacher_forward(teacher: nn.Module, images: list[Tensor], background: bool) -> list[dict[str, Tensor]]:
-    """torchvision's GeneralizedRCNN inference, keeping the proposals when `background` is asked for."""
-    if not background:
+def _teacher_forward(
+    teacher: nn.Module, images: list[Tensor], background: bool, class_probs: bool = False
+) -> list[dict[str, Tensor]]:
+    """torchvision's GeneralizedRCNN inference, keeping the proposals when `background` is asked for and the
+    class distribution of each detection when `class_probs` is."""
+    if not (background or class_probs):
         return teacher(images)
     original_sizes = [tuple(image.shape[-2:]) for image in images]
     image_list, _ = teacher.transform(images)
     features = teacher.backbone(image_list.tensors)
     proposals, _ = teacher.rpn(image_list, features)
     detections, _ = teacher.roi_heads(features, proposals, image_list.image_sizes)
+    if class_probs:  # read on the detected (regressed) box, the box the student is taught
+        boxes = [d["boxes"] for d in detections]
+        for detection, probs in zip(detections, _roi_softmax(teacher, features, boxes, image_list.image_sizes)):
+            detection["class_probs"] = probs
     detections = teacher.transform.postprocess(detections, image_list.image_sizes, original_sizes)
-    background_probs = _background_probabilities(teacher, features, proposals, image_list.image_sizes)
+    if not background:
+        return detections
+    proposals = [p[:BACKGROUND_PROPOSALS] for p in proposals]
+    background_probs = [p[:, 0] for p in _roi_softmax(teacher, features, proposals, image_list.image_sizes)]
     for detection, boxes, probs, size, original in zip(
         detections, proposals, background_probs, image_list.image_sizes, original_sizes
     ):
@@ -143,7 +154,11 @@ def _teacher_forward(teacher: nn.Module, images: list[Tensor], background: bool)
 
 
 def teacher_detections(
-    teacher: nn.Module, weak_images: list[Tensor], tta: str = "none", background: bool = False
+    teacher: nn.Module,
+    weak_images: list[Tensor],
+    tta: str = "none",
+    background: bool = False,
+    class_probs: bool = False,
 ) -> list[dict[str, Tensor]]:
     """The teacher's eval-mode detections on weakly augmented images, before any pseudo-label threshold.
 
@@ -154,9 +169,10 @@ def teacher_detections(
     teacher.eval()
     with torch.inference_mode():
         if tta == "none":
-            return _teacher_forward(teacher, weak_images, background)
+            return _teacher_forward(teacher, weak_images, background, class_probs)
         n = len(weak_images)
-        outputs = _teacher_forward(teacher, weak_images + [image.flip(-1) for image in weak_images], background)
+        both_views = weak_images + [image.flip(-1) for image in weak_images]
+        outputs = _teacher_forward(teacher, both_views, background, class_probs)
         return [fuse_views(outputs[i], _mirror(outputs[n + i], weak_images[i].shape[-1])) for i in range(n)]
 
 
@@ -176,7 +192,7 @@ def filter_detections(
     keep = output["scores"] >= score_threshold
     if prior is not None:
         keep = _within_prior(output["labels"], output["scores"], keep, prior)
-    target = {k: output[k][keep].clone() for k in ("boxes", "labels", "scores")}
+    target = {k: output[k][keep].clone() for k in ("boxes", "labels", "scores", "class_probs") if k in output}
     if "masks" in output:
         target["masks"] = (output["masks"][keep, 0] >= mask_threshold).to(torch.uint8)
     target.update({k: output[k].clone() for k in BACKGROUND_KEYS if k in output})
@@ -216,10 +232,11 @@ class PseudoLabelPolicy:
     tta: str = "none"
     background: bool = False  # carry the teacher's proposals and background probabilities to the student
     prior: DensityPrior | None = None
+    soft_classes: bool = False  # carry each pseudo-box's class distribution: the student's soft class target
 
     def detect(self, teacher: nn.Module, weak_images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Every detection of the teacher on the weak views (fused over views with TTA)."""
-        return teacher_detections(teacher, weak_images, self.tta, self.background)
+        return teacher_detections(teacher, weak_images, self.tta, self.background, self.soft_classes)
 
     def keep(self, detections: list[dict[str, Tensor]], threshold: Threshold) -> list[dict[str, Tensor]]:
         """The pseudo-labels: the score cut, within the density prior when there is one."""

@@ -109,6 +109,8 @@ class SSLConfig(Section):
     teacher_tta: Literal["none", "flip"] = "none"
     # `teacher`: an unlabeled image's background ROI weighs what the teacher's background score of it says;
     unsup_background_weight: Literal["uniform", "teacher"] = "uniform"
+    # `soft`: a pseudo-box teaches the teacher's class distribution of it instead of its top class alone;
+    unsup_class_target: Literal["hard", "soft"] = "hard"
     # a number m: per image and class at most ceil(m * the labeled set's boxes per image) pseudo-boxes, and
     # when the cut keeps fewer than `density_floor` x the labeled boxes per image, the teacher's most
     # confident boxes scoring >= `density_min_score` fill up to that count (None: the score cut alone).
@@ -211,6 +213,7 @@ def _default_space() -> dict[str, SearchDim]:
         "ssl.teacher_update_interval": SearchDim(type="choice", values=[1, 2, 4]),
         "ssl.teacher_tta": SearchDim(type="choice", values=["none", "flip"]),
         "ssl.unsup_background_weight": SearchDim(type="choice", values=["uniform", "teacher"]),
+        "ssl.unsup_class_target": SearchDim(type="choice", values=["hard", "soft"]),
         "ssl.density_prior": SearchDim(type="choice", values=[None, 1.5, 2.0, 3.0]),
         "train.lr": SearchDim(type="loguniform", low=0.002, high=0.04),
     }

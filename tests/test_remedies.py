@@ -1,4 +1,5 @@
-"""The remedies against confirmation bias: flip TTA fusion, soft background weights, the density prior."""
+"""The remedies against confirmation bias: flip TTA fusion, soft background weights, soft class targets,
+the density prior."""
 
 import math
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from models.builders import build_detector
-from models.losses import background_weights, softmax_focal_loss
+from models.losses import background_weights, soft_class_targets, soft_focal_loss, softmax_focal_loss
 from models.pseudo_labels import (
     DensityPrior,
     PseudoLabelPolicy,
@@ -108,6 +109,50 @@ def test_student_loss_trains_with_teacher_background_targets():
     losses["loss_classifier"].backward()
 
 
+def test_soft_focal_loss_generalises_the_hard_one():
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 1, 3, 2, 0])
+    weights = torch.rand(5)
+    one_hot = torch.nn.functional.one_hot(labels, 4).float()
+    hard = softmax_focal_loss(logits, labels, 1.5, weights)
+    assert soft_focal_loss(logits, one_hot, 1.5, weights).item() == pytest.approx(hard.item(), rel=1e-5)
+    # one ROI, an even split over two classes: half the focal term of each
+    p = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1)
+    expected = sum(0.5 * (1 - p[k]) ** 2 * -math.log(p[k]) for k in (1, 2))
+    soft = soft_focal_loss(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[0.0, 0.5, 0.5]]), 2.0)
+    assert soft.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_soft_class_targets_take_the_matched_pseudo_box_distribution():
+    from pipeline.distributed.columns import class_probs
+
+    probs = torch.tensor([[0.1, 0.7, 0.2], [0.05, 0.15, 0.8]])
+    labels = [torch.tensor([1, 0, 2, 1]), torch.tensor([0, 0])]
+    matched = [torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0])]
+    # the second image has no pseudo-box: its (0, 0) probabilities as a Ray row carries them
+    targets = [{"class_probs": probs}, {"class_probs": class_probs(torch.zeros(0).numpy(), 0)}]
+    rows = soft_class_targets(labels, matched, targets, 3)
+    background = torch.tensor([1.0, 0.0, 0.0])
+    assert torch.allclose(rows, torch.stack([probs[0], background, probs[1], probs[0], background, background]))
+    assert torch.equal(class_probs(probs.reshape(-1).numpy(), 2), probs)
+
+
+def test_teacher_class_distributions_reach_the_student_through_flip_fusion():
+    torch.manual_seed(0)
+    model = build_detector(3, backbone="tiny", min_size=[96], max_size=128).eval()
+    model.roi_heads.score_thresh = 0.0
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 96)]
+    detections = PseudoLabelPolicy(tta="flip", soft_classes=True).detect(model, images)
+    for d in detections:
+        assert d["class_probs"].shape == (len(d["boxes"]), 4) and len(d["boxes"]) > 0
+        assert d["class_probs"].sum(-1).tolist() == pytest.approx([1.0] * len(d["boxes"]), abs=1e-5)
+    kept = PseudoLabelPolicy(soft_classes=True).keep(detections, float(detections[0]["scores"].median()))
+    assert len(kept[0]["class_probs"]) == len(kept[0]["boxes"]) > 0
+    target = {k: kept[0][k] for k in ("boxes", "labels", "class_probs")}
+    losses = model.train()([images[0]], [target])
+    assert math.isfinite(float(losses["loss_classifier"]))
+    losses["loss_classifier"].backward()
+
+
 def _prior(per_class, multiple=2.0, floor=0.5, min_score=0.3):
     return DensityPrior(torch.tensor(per_class), multiple, floor, min_score)
 
@@ -138,6 +183,7 @@ def test_policy_without_remedies_is_the_plain_score_cut():
 REMEDIES = (  # every remedy at once; the Ray run of them is test_ray_pipeline's two-worker run
     "ssl.teacher_tta=flip",
     "ssl.unsup_background_weight=teacher",
+    "ssl.unsup_class_target=soft",
     "ssl.density_prior=2.0",
     "ssl.threshold_floor=0.05",
 )

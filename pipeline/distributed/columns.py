@@ -33,8 +33,14 @@ def decode_masks(rles: list[str], height: int, width: int) -> torch.Tensor:
 
 
 def flat(boxes: torch.Tensor) -> np.ndarray:
-    """Boxes (N, 4), plain or tv_tensors -> one flat float32 array."""
+    """Boxes (N, 4) (or any per-box rows), plain or tv_tensors -> one flat float32 array."""
     return boxes.as_subclass(torch.Tensor).reshape(-1).numpy().astype(np.float32)
+
+
+def class_probs(values: np.ndarray, boxes: int) -> torch.Tensor:
+    """A flat class-probability column -> (boxes, classes + 1); an image with no pseudo-box gets (0, 0)."""
+    probs = torch.from_numpy(values)
+    return probs.reshape(boxes, -1) if boxes else probs.reshape(0, 0)
 
 
 def to_target(boxes, labels, masks=None, size: tuple[int, int] | None = None, scores=None) -> dict[str, torch.Tensor]:

@@ -127,6 +127,8 @@ class TeacherLabeler:
         if self.policy.background:  # what soft background weighting needs from the teacher
             out["pl_proposal_boxes"] = [flat(k["proposal_boxes"].cpu()) for k in kept]
             out["pl_proposal_background"] = [k["proposal_background"].cpu().numpy() for k in kept]
+        if self.policy.soft_classes:  # soft class targets: each pseudo-box's class distribution
+            out["pl_class_probs"] = [flat(k["class_probs"].cpu()) for k in kept]
         self.store.delivered.remote(self.actor_id, key)
         return out
 

@@ -22,7 +22,7 @@ from models.ranks import all_ranks_agree, gather
 from models.unbiased_teacher import Batch, in_mutual_learning
 from pipeline.config import Config
 from pipeline.data.augment import to_float
-from pipeline.distributed.columns import batch_rows, to_target
+from pipeline.distributed.columns import batch_rows, class_probs, to_target
 from pipeline.distributed.streams import LABELED, UNLABELED
 from pipeline.distributed.weights import publish
 from pipeline.tracking.console import print_sink
@@ -129,6 +129,8 @@ class RayFeed:
                     proposal_background=torch.from_numpy(row["pl_proposal_background"]),
                     image_size=torch.tensor(image.shape[1:]),
                 )
+            if "pl_class_probs" in row:  # soft class targets
+                kept["class_probs"] = class_probs(row["pl_class_probs"], len(kept["labels"]))
             batch.kept.append(kept)
             batch.detections.append(
                 {"labels": torch.from_numpy(row["teacher_labels"]), "scores": torch.from_numpy(row["teacher_scores"])}

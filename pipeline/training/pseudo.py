@@ -23,7 +23,8 @@ def pseudo_label_policy(cfg: Config, num_classes: int) -> PseudoLabelPolicy:
     if ssl.density_prior is not None:
         per_class = labeled_boxes_per_image(cfg.data.prepared, num_classes)
         prior = DensityPrior(per_class, ssl.density_prior, ssl.density_floor, ssl.density_min_score)
-    return PseudoLabelPolicy(ssl.teacher_tta, ssl.unsup_background_weight == "teacher", prior)
+    background = ssl.unsup_background_weight == "teacher"
+    return PseudoLabelPolicy(ssl.teacher_tta, background, prior, soft_classes=ssl.unsup_class_target == "soft")
 
 
 class PseudoLabels:
