@@ -47,6 +47,7 @@ def _log_history(path: str) -> list[dict]:
                 "pseudo_label_precision": entry.get("interval/pseudo_label_precision"),
                 "pseudo_label_recall": entry.get("interval/pseudo_label_recall"),
                 "pseudo_labels_per_image": entry.get("interval/pseudo_labels_per_image"),
+                "pseudo_label_wrong_class": entry.get("interval/pseudo_label_wrong_class"),
             }
         )
     return history
@@ -97,8 +98,8 @@ def table(rows: list[dict]) -> str:
 
     supervised = {(r["arch"], r["percent"], r["seed"]): r for r in rows if _name(r) == "supervised"}
     lines = [
-        "| cell | arm | step | AP | ratio | rare AP | PL precision | PL recall | PL / image |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cell | arm | step | AP | ratio | rare AP | PL precision | PL recall | PL / image | PL wrong class |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         last = r["history"][-1]
@@ -108,7 +109,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['arch']} {r['percent']:g} % s{r['seed']} | {_name(r)} | {last['step']} | {num(last['teacher_AP'])} "
             f"| {num(ratio)} | {num(r.get('rare_AP'))} | {num(last.get('pseudo_label_precision'))} "
-            f"| {num(last.get('pseudo_label_recall'))} | {num(last.get('pseudo_labels_per_image'))} |"
+            f"| {num(last.get('pseudo_label_recall'))} | {num(last.get('pseudo_labels_per_image'))} "
+            f"| {num(last.get('pseudo_label_wrong_class'))} |"
         )
     return "\n".join(lines)
 

@@ -35,7 +35,8 @@ def test_short_local_run_writes_complete_metrics(prepared, tmp_path, arch):
     assert (tmp_path / arch / "checkpoint.pt").exists()
     last = written["history"][-1]  # the evaluation interval's own pseudo-label figures, beside the APs
     assert last["pseudo_labels_per_image"] == pytest.approx(written["pseudo_labels_per_image"])
-    assert {"pseudo_label_precision", "pseudo_label_recall", "teacher_AP", "student_AP"} <= set(last)
+    figures = {"pseudo_label_precision", "pseudo_label_recall", "pseudo_label_wrong_class"}
+    assert figures | {"teacher_AP", "student_AP"} <= set(last) and figures <= set(written)
 
 
 @pytest.mark.slow

@@ -153,6 +153,23 @@ def test_teacher_class_distributions_reach_the_student_through_flip_fusion():
     losses["loss_classifier"].backward()
 
 
+def test_pseudo_label_figures_tell_class_confusion_from_background():
+    from pipeline.training.pseudo_stats import PseudoLabelStats
+
+    held_aside = _detections([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 2], [1.0, 1.0])
+    # a hit, a box of class 1 on the class-2 object, a box on nothing
+    pseudo = _detections([[0, 0, 10, 10], [20, 20, 30, 31], [50, 50, 60, 60]], [1, 1, 2], [0.9, 0.9, 0.9])
+    stats = PseudoLabelStats()
+    earlier = stats.state()
+    stats.add(pseudo, held_aside)
+    interval = stats.since(earlier)
+    assert interval["pseudo_label_precision"] == pytest.approx(1 / 3)
+    assert interval["pseudo_label_wrong_class"] == pytest.approx(1 / 3)
+    assert interval["pseudo_label_recall"] == pytest.approx(1 / 2)
+    restored = PseudoLabelStats.from_state(stats.state())
+    assert restored.summary({1: "a", 2: "b"})["pseudo_label_wrong_class"] == pytest.approx(1 / 3)
+
+
 def _prior(per_class, multiple=2.0, floor=0.5, min_score=0.3):
     return DensityPrior(torch.tensor(per_class), multiple, floor, min_score)
 

@@ -17,12 +17,14 @@ from pipeline.data.schema import LABELED_DIR
 
 @dataclass
 class PseudoLabelStats:
-    """Pseudo-label counts per class, and their precision/recall against held-aside labels (IoU 0.5)."""
+    """Pseudo-label counts per class, and their precision/recall against held-aside labels (IoU 0.5); of the
+    misses, the share that sits on an object of another class (the teacher's class confusion)."""
 
     images: int = 0
     boxes: int = 0
     per_class: Counter = field(default_factory=Counter)
     matched: int = 0
+    wrong_class: int = 0
     gt_boxes: int = 0
     scored_boxes: int = 0
     staleness_max: int | None = None
@@ -36,7 +38,9 @@ class PseudoLabelStats:
         if held_aside is not None:
             self.gt_boxes += len(held_aside["labels"])
             self.scored_boxes += len(pseudo["labels"])
-            self.matched += _true_positives(pseudo, held_aside)
+            hits, wrong_class = _match(pseudo, held_aside)
+            self.matched += hits
+            self.wrong_class += wrong_class
 
     def add_staleness(self, steps: int) -> None:
         """Student step minus the step of the teacher that labelled the row (running, O(1) memory)."""
@@ -51,6 +55,7 @@ class PseudoLabelStats:
             "pseudo_label_class_counts": {names[k]: self.per_class.get(k, 0) for k in sorted(names)},
             "pseudo_label_precision": self.matched / self.scored_boxes if self.scored_boxes else None,
             "pseudo_label_recall": self.matched / self.gt_boxes if self.gt_boxes else None,
+            "pseudo_label_wrong_class": self.wrong_class / self.scored_boxes if self.scored_boxes else None,
         }
         if self.staleness_rows:
             out["staleness_max"] = self.staleness_max
@@ -60,12 +65,13 @@ class PseudoLabelStats:
     def since(self, earlier: dict[str, Any]) -> dict[str, float | None]:
         """Boxes per image, precision and recall of the pseudo-labels counted after the `earlier` state."""
         images, boxes = self.images - earlier["images"], self.boxes - earlier["boxes"]
-        matched = self.matched - earlier["matched"]
+        matched, wrong_class = self.matched - earlier["matched"], self.wrong_class - earlier.get("wrong_class", 0)
         scored, gt = self.scored_boxes - earlier["scored_boxes"], self.gt_boxes - earlier["gt_boxes"]
         return {
             "pseudo_labels_per_image": boxes / images if images else None,
             "pseudo_label_precision": matched / scored if scored else None,
             "pseudo_label_recall": matched / gt if gt else None,
+            "pseudo_label_wrong_class": wrong_class / scored if scored else None,
         }
 
     def state(self) -> dict[str, Any]:
@@ -74,6 +80,7 @@ class PseudoLabelStats:
             "boxes": self.boxes,
             "per_class": dict(self.per_class),
             "matched": self.matched,
+            "wrong_class": self.wrong_class,
             "gt_boxes": self.gt_boxes,
             "scored_boxes": self.scored_boxes,
             "staleness_max": self.staleness_max,
@@ -86,19 +93,24 @@ class PseudoLabelStats:
         return cls(**{**state, "per_class": Counter({int(k): v for k, v in state["per_class"].items()})})
 
 
-def _true_positives(pseudo: dict[str, Tensor], gt: dict[str, Tensor]) -> int:
-    """Greedy one-to-one matching by score at IoU >= 0.5 with the same class."""
+def _match(pseudo: dict[str, Tensor], gt: dict[str, Tensor]) -> tuple[int, int]:
+    """True positives (greedy one-to-one matching by score at IoU >= 0.5 with the same class), and the misses
+    that overlap an object of another class at IoU >= 0.5."""
     if len(pseudo["boxes"]) == 0 or len(gt["boxes"]) == 0:
-        return 0
+        return 0, 0
     iou = box_iou(pseudo["boxes"].cpu(), gt["boxes"].cpu())
-    iou[pseudo["labels"].cpu()[:, None] != gt["labels"].cpu()[None, :]] = 0.0
-    used, hits = set(), 0
-    for row in iou:
+    other_class = pseudo["labels"].cpu()[:, None] != gt["labels"].cpu()[None, :]
+    on_other_object = ((iou >= 0.5) & other_class).any(dim=1).tolist()
+    iou[other_class] = 0.0
+    used, hits, wrong_class = set(), 0, 0
+    for row, confused in zip(iou, on_other_object):
         candidates = [(v, j) for j, v in enumerate(row.tolist()) if v >= 0.5 and j not in used]
         if candidates:
             used.add(max(candidates)[1])
             hits += 1
-    return hits
+        else:
+            wrong_class += confused
+    return hits, wrong_class
 
 
 def _labeled_label_lists(prepared: str | Path) -> list[list[int]]:
