@@ -26,6 +26,7 @@ from pipeline.data.rows import decode_image_bytes, read_rows
 from pipeline.data.schema import VAL_DIR
 from pipeline.evaluation.evaluator import load_val_set
 from pipeline.labeling.model import from_checkpoint
+from pipeline.training.pseudo_stats import match_boxes
 
 KINDS = ("hit", "other class", "poor box", "background")
 
@@ -45,21 +46,17 @@ def _kinds(kept: dict[str, torch.Tensor], truth: dict[str, torch.Tensor] | None,
     """Sort one image's kept boxes (by score, as they come) into KINDS; count per class and per confusion."""
     if truth is None:
         truth = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
-    iou = box_iou(kept["boxes"], truth["boxes"].float()) if len(truth["boxes"]) else torch.zeros(len(kept["boxes"]), 0)
     tally["truth"].update(truth["labels"].tolist())
-    used: set[int] = set()
+    hits, others = match_boxes(kept, truth)  # the matching training's pseudo-label figures use
+    overlap = box_iou(kept["boxes"], truth["boxes"].float()).amax(dim=1) if len(truth["boxes"]) else None
     for i, label in enumerate(kept["labels"].tolist()):
-        same = [(float(iou[i, j]), j) for j in range(iou.shape[1]) if int(truth["labels"][j]) == label]
-        best_same, j = max(same, default=(0.0, -1))
-        best_any = float(iou[i].max()) if iou.shape[1] else 0.0
-        if best_same >= 0.5 and j not in used:
+        if hits[i] >= 0:
             kind = "hit"
-            used.add(j)
-        elif best_any >= 0.5 and best_same < 0.5:
+        elif others[i] >= 0:
             kind = "other class"
-            tally["confusions"][(label, int(truth["labels"][int(iou[i].argmax())]))] += 1
+            tally["confusions"][(label, int(truth["labels"][others[i]]))] += 1
         else:
-            kind = "poor box" if best_any >= 0.1 else "background"
+            kind = "poor box" if overlap is not None and overlap[i] >= 0.1 else "background"
         tally["kinds"][kind] += 1
         tally["per_class"][(label, kind == "hit")] += 1
 

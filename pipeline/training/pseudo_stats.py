@@ -93,24 +93,32 @@ class PseudoLabelStats:
         return cls(**{**state, "per_class": Counter({int(k): v for k, v in state["per_class"].items()})})
 
 
-def _match(pseudo: dict[str, Tensor], gt: dict[str, Tensor]) -> tuple[int, int]:
-    """True positives (greedy one-to-one matching by score at IoU >= 0.5 with the same class), and the misses
-    that overlap an object of another class at IoU >= 0.5."""
-    if len(pseudo["boxes"]) == 0 or len(gt["boxes"]) == 0:
-        return 0, 0
+def match_boxes(pseudo: dict[str, Tensor], gt: dict[str, Tensor]) -> tuple[list[int], list[int]]:
+    """For each pseudo-box (in score order): the held-aside box it hits (same class, IoU >= 0.5, one-to-one,
+    greedy by score; -1 for none) and, for a miss, the held-aside box of another class it sits on (IoU >= 0.5;
+    -1 for none)."""
+    n = len(pseudo["boxes"])
+    if n == 0 or len(gt["boxes"]) == 0:
+        return [-1] * n, [-1] * n
     iou = box_iou(pseudo["boxes"].cpu(), gt["boxes"].cpu())
     other_class = pseudo["labels"].cpu()[:, None] != gt["labels"].cpu()[None, :]
-    on_other_object = ((iou >= 0.5) & other_class).any(dim=1).tolist()
+    best_other_iou, best_other = torch.where(other_class, iou, 0.0).max(dim=1)
     iou[other_class] = 0.0
-    used, hits, wrong_class = set(), 0, 0
-    for row, confused in zip(iou, on_other_object):
+    used, hits, others = set(), [], []
+    for i, row in enumerate(iou):
         candidates = [(v, j) for j, v in enumerate(row.tolist()) if v >= 0.5 and j not in used]
-        if candidates:
-            used.add(max(candidates)[1])
-            hits += 1
-        else:
-            wrong_class += confused
-    return hits, wrong_class
+        hit = max(candidates)[1] if candidates else -1
+        if hit >= 0:
+            used.add(hit)
+        hits.append(hit)
+        others.append(int(best_other[i]) if hit < 0 and best_other_iou[i] >= 0.5 else -1)
+    return hits, others
+
+
+def _match(pseudo: dict[str, Tensor], gt: dict[str, Tensor]) -> tuple[int, int]:
+    """How many pseudo-boxes hit a held-aside box, and how many misses sit on an object of another class."""
+    hits, others = match_boxes(pseudo, gt)
+    return sum(h >= 0 for h in hits), sum(o >= 0 for o in others)
 
 
 def _labeled_label_lists(prepared: str | Path) -> list[list[int]]:
