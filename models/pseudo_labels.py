@@ -5,7 +5,8 @@ A teacher's output per image: `boxes`, `labels`, `scores` (and `masks` for Mask 
 `background=True` also `proposal_boxes` / `proposal_background`: its top RPN proposals and the probability
 its ROI head gives each of them of being background (what soft background weighting reads); with
 `class_probs=True` also `class_probs`: its ROI head's class distribution (background first) of each detected
-box (what soft class targets read).
+box (what soft class targets read), and `foreground`: one minus its background probability (what a cut on
+the foreground score reads).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 
 # One threshold for every class, or a tensor indexed by model label (0 = background): per-class thresholds.
 Threshold = float | Tensor
 TTA_MODES = ("none", "flip")
+CUT_SCORES = ("class", "foreground")
+# With the cut on the foreground score, boxes of different classes on one object (torchvision reports a
+# box per class) pass together; class-agnostic NMS at this IoU keeps the top class's.
+FOREGROUND_NMS_IOU = 0.6
 # Teacher boxes of the two views count as one object at this IoU (same class).
 FLIP_MATCH_IOU = 0.55
 # Proposals a teacher reports with their background probability, by objectness.
@@ -100,6 +105,9 @@ def fuse_views(a: dict[str, Tensor], b: dict[str, Tensor], iou: float = FLIP_MAT
         "labels": torch.cat([a["labels"][ia], a["labels"][only_a], b["labels"][only_b]]),
         "scores": torch.cat([(sa + sb) / 2, a["scores"][only_a] / 2, b["scores"][only_b] / 2]),
     }
+    if "foreground" in a:  # fused like the score: a view that missed the box gave it 0
+        fa, fb = a["foreground"], b["foreground"]
+        fused["foreground"] = torch.cat([(fa[ia] + fb[ib]) / 2, fa[only_a] / 2, fb[only_b] / 2])
     for key in ("masks", "class_probs"):  # a pair averages its mask and class probabilities
         if key in a:
             fused[key] = torch.cat([(a[key][ia] + b[key][ib]) / 2, a[key][only_a], b[key][only_b]])
@@ -138,7 +146,7 @@ def _teacher_forward(
     if class_probs:  # read on the detected (regressed) box, the box the student is taught
         boxes = [d["boxes"] for d in detections]
         for detection, probs in zip(detections, _roi_softmax(teacher, features, boxes, image_list.image_sizes)):
-            detection["class_probs"] = probs
+            detection["class_probs"], detection["foreground"] = probs, 1.0 - probs[:, 0]
     detections = teacher.transform.postprocess(detections, image_list.image_sizes, original_sizes)
     if not background:
         return detections
@@ -181,22 +189,39 @@ def filter_detections(
     score_threshold: Threshold,
     mask_threshold: float = 0.5,
     prior: DensityPrior | None = None,
+    cut_score: str = "class",
 ) -> dict[str, Tensor]:
     """Keep detections with score >= threshold (within the density prior's caps and floor, when given);
     masks (probabilities) become binary at `mask_threshold`; teacher proposals pass through.
 
+    `cut_score="foreground"` cuts on the teacher's foreground probability instead of its top class's score
+    (an object it is sure of but torn between two classes passes), then keeps one box per object.
     The result holds ordinary tensors (cloned out of inference mode) so it can be a training target.
     """
+    if cut_score not in CUT_SCORES:
+        raise ValueError(f"the cut reads one of {CUT_SCORES}, got {cut_score!r}")
+    scores = output["foreground"] if cut_score == "foreground" else output["scores"]
     if isinstance(score_threshold, Tensor):
-        score_threshold = score_threshold.to(output["scores"].device)[output["labels"]]
-    keep = output["scores"] >= score_threshold
+        score_threshold = score_threshold.to(scores.device)[output["labels"]]
+    keep = scores >= score_threshold
     if prior is not None:
-        keep = _within_prior(output["labels"], output["scores"], keep, prior)
+        keep = _within_prior(output["labels"], scores, keep, prior)
+    if cut_score == "foreground":
+        keep = _one_box_per_object(output["boxes"], output["scores"], keep)
     target = {k: output[k][keep].clone() for k in ("boxes", "labels", "scores", "class_probs") if k in output}
     if "masks" in output:
         target["masks"] = (output["masks"][keep, 0] >= mask_threshold).to(torch.uint8)
     target.update({k: output[k].clone() for k in BACKGROUND_KEYS if k in output})
     return target
+
+
+def _one_box_per_object(boxes: Tensor, scores: Tensor, passed: Tensor) -> Tensor:
+    """Class-agnostic NMS among the boxes that passed: where boxes of several classes cover one object, the
+    most confident class's box stays."""
+    index = torch.nonzero(passed).flatten()
+    keep = torch.zeros_like(passed)
+    keep[index[nms(boxes[index], scores[index], FOREGROUND_NMS_IOU)]] = True
+    return keep
 
 
 def _within_prior(labels: Tensor, scores: Tensor, passed: Tensor, prior: DensityPrior) -> Tensor:
@@ -233,11 +258,17 @@ class PseudoLabelPolicy:
     background: bool = False  # carry the teacher's proposals and background probabilities to the student
     prior: DensityPrior | None = None
     soft_classes: bool = False  # carry each pseudo-box's class distribution: the student's soft class target
+    cut_score: str = "class"  # `foreground`: the cut reads the teacher's foreground probability
 
     def detect(self, teacher: nn.Module, weak_images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Every detection of the teacher on the weak views (fused over views with TTA)."""
-        return teacher_detections(teacher, weak_images, self.tta, self.background, self.soft_classes)
+        class_probs = self.soft_classes or self.cut_score == "foreground"
+        return teacher_detections(teacher, weak_images, self.tta, self.background, class_probs)
 
     def keep(self, detections: list[dict[str, Tensor]], threshold: Threshold) -> list[dict[str, Tensor]]:
         """The pseudo-labels: the score cut, within the density prior when there is one."""
-        return [filter_detections(d, threshold, prior=self.prior) for d in detections]
+        kept = [filter_detections(d, threshold, prior=self.prior, cut_score=self.cut_score) for d in detections]
+        if not self.soft_classes:  # read for the cut only: the student is taught the top class
+            for target in kept:
+                target.pop("class_probs", None)
+        return kept

@@ -111,6 +111,9 @@ class SSLConfig(Section):
     unsup_background_weight: Literal["uniform", "teacher"] = "uniform"
     # `soft`: a pseudo-box teaches the teacher's class distribution of it instead of its top class alone;
     unsup_class_target: Literal["hard", "soft"] = "hard"
+    # `foreground`: the score cut reads the teacher's foreground probability (1 - background) of a box, not
+    # its top class's score, so an object the teacher is sure of but torn between two classes is kept;
+    cut_score: Literal["class", "foreground"] = "class"
     # a number m: per image and class at most ceil(m * the labeled set's boxes per image) pseudo-boxes, and
     # when the cut keeps fewer than `density_floor` x the labeled boxes per image, the teacher's most
     # confident boxes scoring >= `density_min_score` fill up to that count (None: the score cut alone).
@@ -214,6 +217,7 @@ def _default_space() -> dict[str, SearchDim]:
         "ssl.teacher_tta": SearchDim(type="choice", values=["none", "flip"]),
         "ssl.unsup_background_weight": SearchDim(type="choice", values=["uniform", "teacher"]),
         "ssl.unsup_class_target": SearchDim(type="choice", values=["hard", "soft"]),
+        "ssl.cut_score": SearchDim(type="choice", values=["class", "foreground"]),
         "ssl.density_prior": SearchDim(type="choice", values=[None, 1.5, 2.0, 3.0]),
         "train.lr": SearchDim(type="loguniform", low=0.002, high=0.04),
     }

@@ -192,6 +192,26 @@ def test_density_prior_floor_tops_up_with_the_most_confident_boxes():
     assert len(filter_detections(low, 0.8, prior=prior)["boxes"]) == 0
 
 
+def test_foreground_cut_keeps_an_object_torn_between_classes_once():
+    # one object reported as class 1 (0.5) and class 2 (0.45), sure it is an object; a weak box elsewhere
+    output = _detections([[0, 0, 10, 10], [0, 0, 10, 11], [50, 50, 60, 60]], [1, 2, 1], [0.5, 0.45, 0.4])
+    output["class_probs"] = torch.tensor([[0.05, 0.5, 0.45], [0.05, 0.5, 0.45], [0.5, 0.4, 0.1]])
+    output["foreground"] = 1.0 - output["class_probs"][:, 0]
+    assert len(filter_detections(output, 0.7)["boxes"]) == 0  # the class cut drops the torn object
+    kept = PseudoLabelPolicy(cut_score="foreground").keep([output], 0.7)[0]
+    assert kept["labels"].tolist() == [1] and kept["scores"].tolist() == pytest.approx([0.5])
+    assert "class_probs" not in kept  # hard class targets: the distribution was read for the cut only
+    soft = PseudoLabelPolicy(soft_classes=True, cut_score="foreground").keep([output], 0.7)[0]
+    assert soft["class_probs"][0].tolist() == pytest.approx([0.05, 0.5, 0.45])
+
+
+def test_fusion_halves_the_foreground_of_a_box_one_view_missed():
+    a = _detections([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 1], [0.8, 0.6])
+    b = _detections([[0, 0, 10, 10]], [1], [0.6])
+    a["foreground"], b["foreground"] = torch.tensor([0.9, 0.8]), torch.tensor([0.7])
+    assert fuse_views(a, b)["foreground"].tolist() == pytest.approx([0.8, 0.4])
+
+
 def test_policy_without_remedies_is_the_plain_score_cut():
     output = _detections([[0, 0, 5, 5], [1, 1, 6, 6]], [1, 2], [0.9, 0.5])
     assert PseudoLabelPolicy().keep([output], 0.7)[0]["scores"].tolist() == pytest.approx([0.9])
@@ -201,6 +221,7 @@ REMEDIES = (  # every remedy at once; the Ray run of them is test_ray_pipeline's
     "ssl.teacher_tta=flip",
     "ssl.unsup_background_weight=teacher",
     "ssl.unsup_class_target=soft",
+    "ssl.cut_score=foreground",
     "ssl.density_prior=2.0",
     "ssl.threshold_floor=0.05",
 )
