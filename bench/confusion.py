@@ -1,10 +1,12 @@
 """What a teacher's pseudo-labels get wrong: its kept boxes on validation images, sorted into kinds.
 
-    python bench/confusion.py RUN_DIR [RUN_DIR ...] [--tta flip] [--threshold 0.8] [--skip 200 --images 200]
+    python bench/confusion.py RUN_DIR [RUN_DIR ...] [--tta flip] [--threshold 0.8] [--cut-score foreground]
+        [--skip 200 --images 200]
 
 For each run directory (its newest checkpoint's teacher and config.yaml), labels `--images` validation
 images (after the first `--skip`, which the run evaluated on) the way training does, keeps the boxes at
-`--threshold`, and matches them to the validation labels one-to-one by score: a hit (IoU >= 0.5, same
+`--threshold` (on the top class's score, or with `--cut-score foreground` on the teacher's foreground
+probability, as `ssl.cut_score` does), and matches them to the validation labels one-to-one by score: a hit (IoU >= 0.5, same
 class), a box on an object of another class (IoU >= 0.5), a poor box (IoU 0.1-0.5, or a second box on an
 object already hit), or background. Prints, per teacher, the share of each kind, each class's hits, misses
 and recall, and the commonest confusions.
@@ -20,7 +22,7 @@ import torch
 from torchvision.ops import box_iou
 
 from models.builders import build_detector
-from models.pseudo_labels import filter_detections, teacher_detections
+from models.pseudo_labels import CUT_SCORES, filter_detections, teacher_detections
 from pipeline.data.augment import to_float
 from pipeline.data.rows import decode_image_bytes, read_rows
 from pipeline.data.schema import VAL_DIR
@@ -70,13 +72,15 @@ def report(run_dir: Path, args: argparse.Namespace) -> None:
     rows = read_rows(Path(model.cfg.data.prepared) / VAL_DIR, columns=["image_id", "image"])
     rows = rows[args.skip : args.skip + args.images]
     tally = {"kinds": Counter(), "per_class": Counter(), "truth": Counter(), "confusions": Counter()}
+    foreground = args.cut_score == "foreground"  # the foreground probability comes with the class distribution
     for start in range(0, len(rows), 4):
         batch = rows[start : start + 4]
         images = [to_float(decode_image_bytes(r["image"])) for r in batch]
-        for row, detections in zip(batch, teacher_detections(teacher, images, args.tta)):
-            _kinds(filter_detections(detections, args.threshold), truths.get(row["image_id"]), tally)
+        for row, detections in zip(batch, teacher_detections(teacher, images, args.tta, class_probs=foreground)):
+            kept = filter_detections(detections, args.threshold, cut_score=args.cut_score)
+            _kinds(kept, truths.get(row["image_id"]), tally)
     kept = sum(tally["kinds"].values())
-    print(f"{model.source}: {len(rows)} images, cut {args.threshold}, tta {args.tta}")
+    print(f"{model.source}: {len(rows)} images, cut {args.threshold} on {args.cut_score} score, tta {args.tta}")
     shares = "  ".join(f"{k} {tally['kinds'][k] / max(kept, 1):.3f}" for k in KINDS)
     print(
         f"  kept {kept / max(len(rows), 1):.2f} per image (true {sum(tally['truth'].values()) / len(rows):.2f}): {shares}"
@@ -97,6 +101,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with checkpoint.pt, config.yaml)")
     parser.add_argument("--tta", choices=["none", "flip"], default="none", help="the teacher's views, as in training")
     parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--cut-score", choices=CUT_SCORES, default="class", help="what the cut reads")
     parser.add_argument("--skip", type=int, default=200, help="validation images to leave out first")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
