@@ -257,8 +257,14 @@ class PseudoLabelPolicy:
     tta: str = "none"
     background: bool = False  # carry the teacher's proposals and background probabilities to the student
     prior: DensityPrior | None = None
-    soft_classes: bool = False  # carry each pseudo-box's class distribution: the student's soft class target
+    # `soft`: each pseudo-box carries the teacher's class distribution of it (the student's soft target);
+    # `soft_foreground`: the same without its background mass, renormalized over the object classes
+    class_target: str = "hard"
     cut_score: str = "class"  # `foreground`: the cut reads the teacher's foreground probability
+
+    @property
+    def soft_classes(self) -> bool:
+        return self.class_target != "hard"
 
     def detect(self, teacher: nn.Module, weak_images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Every detection of the teacher on the weak views (fused over views with TTA)."""
@@ -268,7 +274,18 @@ class PseudoLabelPolicy:
     def keep(self, detections: list[dict[str, Tensor]], threshold: Threshold) -> list[dict[str, Tensor]]:
         """The pseudo-labels: the score cut, within the density prior when there is one."""
         kept = [filter_detections(d, threshold, prior=self.prior, cut_score=self.cut_score) for d in detections]
-        if not self.soft_classes:  # read for the cut only: the student is taught the top class
-            for target in kept:
+        for target in kept:
+            if not self.soft_classes:  # read for the cut only: the student is taught the top class
                 target.pop("class_probs", None)
+            elif self.class_target == "soft_foreground":
+                target["class_probs"] = object_class_probs(target["class_probs"])
         return kept
+
+
+def object_class_probs(class_probs: Tensor) -> Tensor:
+    """A kept box taught as an object for certain, its class as the teacher's mixture: column 0
+    (background) zeroed, the rest renormalized. Without this, the background mass the teacher gives its
+    own pseudo-boxes is taught back every step and its top-class scores shrink under a fixed cut."""
+    objects = class_probs.clone()
+    objects[:, 0] = 0.0
+    return objects / objects.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -110,7 +110,8 @@ class SSLConfig(Section):
     # `teacher`: an unlabeled image's background ROI weighs what the teacher's background score of it says;
     unsup_background_weight: Literal["uniform", "teacher"] = "uniform"
     # `soft`: a pseudo-box teaches the teacher's class distribution of it instead of its top class alone;
-    unsup_class_target: Literal["hard", "soft"] = "hard"
+    # `soft_foreground`: that distribution over the object classes only (the box is taught as an object);
+    unsup_class_target: Literal["hard", "soft", "soft_foreground"] = "hard"
     # `foreground`: the score cut reads the teacher's foreground probability (1 - background) of a box, not
     # its top class's score, so an object the teacher is sure of but torn between two classes is kept;
     cut_score: Literal["class", "foreground"] = "class"

@@ -141,11 +141,11 @@ def test_teacher_class_distributions_reach_the_student_through_flip_fusion():
     model = build_detector(3, backbone="tiny", min_size=[96], max_size=128).eval()
     model.roi_heads.score_thresh = 0.0
     images = [torch.rand(3, 96, 128), torch.rand(3, 80, 96)]
-    detections = PseudoLabelPolicy(tta="flip", soft_classes=True).detect(model, images)
+    detections = PseudoLabelPolicy(tta="flip", class_target="soft").detect(model, images)
     for d in detections:
         assert d["class_probs"].shape == (len(d["boxes"]), 4) and len(d["boxes"]) > 0
         assert d["class_probs"].sum(-1).tolist() == pytest.approx([1.0] * len(d["boxes"]), abs=1e-5)
-    kept = PseudoLabelPolicy(soft_classes=True).keep(detections, float(detections[0]["scores"].median()))
+    kept = PseudoLabelPolicy(class_target="soft").keep(detections, float(detections[0]["scores"].median()))
     assert len(kept[0]["class_probs"]) == len(kept[0]["boxes"]) > 0
     target = {k: kept[0][k] for k in ("boxes", "labels", "class_probs")}
     losses = model.train()([images[0]], [target])
@@ -201,8 +201,10 @@ def test_foreground_cut_keeps_an_object_torn_between_classes_once():
     kept = PseudoLabelPolicy(cut_score="foreground").keep([output], 0.7)[0]
     assert kept["labels"].tolist() == [1] and kept["scores"].tolist() == pytest.approx([0.5])
     assert "class_probs" not in kept  # hard class targets: the distribution was read for the cut only
-    soft = PseudoLabelPolicy(soft_classes=True, cut_score="foreground").keep([output], 0.7)[0]
+    soft = PseudoLabelPolicy(class_target="soft", cut_score="foreground").keep([output], 0.7)[0]
     assert soft["class_probs"][0].tolist() == pytest.approx([0.05, 0.5, 0.45])
+    objects = PseudoLabelPolicy(class_target="soft_foreground", cut_score="foreground").keep([output], 0.7)[0]
+    assert objects["class_probs"][0].tolist() == pytest.approx([0.0, 0.5 / 0.95, 0.45 / 0.95])
 
 
 def test_fusion_halves_the_foreground_of_a_box_one_view_missed():

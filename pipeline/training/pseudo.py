@@ -24,8 +24,9 @@ def pseudo_label_policy(cfg: Config, num_classes: int) -> PseudoLabelPolicy:
         per_class = labeled_boxes_per_image(cfg.data.prepared, num_classes)
         prior = DensityPrior(per_class, ssl.density_prior, ssl.density_floor, ssl.density_min_score)
     background = ssl.unsup_background_weight == "teacher"
-    soft = ssl.unsup_class_target == "soft"
-    return PseudoLabelPolicy(ssl.teacher_tta, background, prior, soft_classes=soft, cut_score=ssl.cut_score)
+    return PseudoLabelPolicy(
+        ssl.teacher_tta, background, prior, class_target=ssl.unsup_class_target, cut_score=ssl.cut_score
+    )
 
 
 class PseudoLabels:
