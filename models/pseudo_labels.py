@@ -103,11 +103,10 @@ def fuse_views(a: dict[str, Tensor], b: dict[str, Tensor], iou: float = FLIP_MAT
             ]
         ),
         "labels": torch.cat([a["labels"][ia], a["labels"][only_a], b["labels"][only_b]]),
-        "scores": torch.cat([(sa + sb) / 2, a["scores"][only_a] / 2, b["scores"][only_b] / 2]),
     }
-    if "foreground" in a:  # fused like the score: a view that missed the box gave it 0
-        fa, fb = a["foreground"], b["foreground"]
-        fused["foreground"] = torch.cat([(fa[ia] + fb[ib]) / 2, fa[only_a] / 2, fb[only_b] / 2])
+    for key in ("scores", "foreground"):  # a view that missed the box gave it 0
+        if key in a:
+            fused[key] = torch.cat([(a[key][ia] + b[key][ib]) / 2, a[key][only_a] / 2, b[key][only_b] / 2])
     for key in ("masks", "class_probs"):  # a pair averages its mask and class probabilities
         if key in a:
             fused[key] = torch.cat([(a[key][ia] + b[key][ib]) / 2, a[key][only_a], b[key][only_b]])
