@@ -260,7 +260,6 @@ class PseudoLabelPolicy:
     # `soft_foreground`: the same without its background mass, renormalized over the object classes
     class_target: str = "hard"
     cut_score: str = "class"  # `foreground`: the cut reads the teacher's foreground probability
-    temperature: float = 1.0  # soft targets: the distribution sharpened as p^(1/T) (T < 1 sharpens)
 
     @property
     def soft_classes(self) -> bool:
@@ -277,19 +276,15 @@ class PseudoLabelPolicy:
         for target in kept:
             if not self.soft_classes:  # read for the cut only: the student is taught the top class
                 target.pop("class_probs", None)
-            elif self.class_target == "soft_foreground" or self.temperature != 1.0:
-                objects_only = self.class_target == "soft_foreground"
-                target["class_probs"] = soft_class_target(target["class_probs"], objects_only, self.temperature)
+            elif self.class_target == "soft_foreground":
+                target["class_probs"] = object_class_probs(target["class_probs"])
         return kept
 
 
-def soft_class_target(class_probs: Tensor, objects_only: bool, temperature: float = 1.0) -> Tensor:
-    """The distribution a pseudo-box teaches. `objects_only`: the box is taught as an object for certain,
-    its class as the teacher's mixture (column 0, background, zeroed). A temperature below 1 sharpens it
-    (p^(1/T), renormalized). Either way the student is not taught the teacher's own doubt at full strength,
-    which a fixed cut would otherwise read as a shrinking score, keeping fewer boxes every interval."""
-    target = class_probs.clone()
-    if objects_only:
-        target[:, 0] = 0.0
-    target = target ** (1.0 / temperature)
-    return target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+def object_class_probs(class_probs: Tensor) -> Tensor:
+    """A kept box taught as an object for certain, its class as the teacher's mixture: column 0
+    (background) zeroed, the rest renormalized. Without this, the background mass the teacher gives its
+    own pseudo-boxes is taught back every step and its top-class scores shrink under a fixed cut."""
+    objects = class_probs.clone()
+    objects[:, 0] = 0.0
+    return objects / objects.sum(-1, keepdim=True).clamp_min(1e-12)

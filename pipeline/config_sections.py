@@ -112,8 +112,6 @@ class SSLConfig(Section):
     # `soft`: a pseudo-box teaches the teacher's class distribution of it instead of its top class alone;
     # `soft_foreground`: that distribution over the object classes only (the box is taught as an object);
     unsup_class_target: Literal["hard", "soft", "soft_foreground"] = "hard"
-    # soft targets: the teacher's distribution sharpened as p^(1/T) before it is taught (1: as it is);
-    soft_target_temperature: float = Field(1.0, gt=0, le=1)
     # `foreground`: the score cut reads the teacher's foreground probability (1 - background) of a box, not
     # its top class's score, so an object the teacher is sure of but torn between two classes is kept;
     cut_score: Literal["class", "foreground"] = "class"

@@ -205,9 +205,6 @@ def test_foreground_cut_keeps_an_object_torn_between_classes_once():
     assert soft["class_probs"][0].tolist() == pytest.approx([0.05, 0.5, 0.45])
     objects = PseudoLabelPolicy(class_target="soft_foreground", cut_score="foreground").keep([output], 0.7)[0]
     assert objects["class_probs"][0].tolist() == pytest.approx([0.0, 0.5 / 0.95, 0.45 / 0.95])
-    sharp = PseudoLabelPolicy(class_target="soft_foreground", cut_score="foreground", temperature=0.5)
-    expected = torch.tensor([0.0, 0.5**2, 0.45**2]) / (0.5**2 + 0.45**2)
-    assert sharp.keep([output], 0.7)[0]["class_probs"][0].tolist() == pytest.approx(expected.tolist())
 
 
 def test_fusion_halves_the_foreground_of_a_box_one_view_missed():
