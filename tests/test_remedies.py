@@ -114,12 +114,25 @@ def test_soft_focal_loss_generalises_the_hard_one():
     weights = torch.rand(5)
     one_hot = torch.nn.functional.one_hot(labels, 4).float()
     hard = softmax_focal_loss(logits, labels, 1.5, weights)
-    assert soft_focal_loss(logits, one_hot, 1.5, weights).item() == pytest.approx(hard.item(), rel=1e-5)
-    # one ROI, an even split over two classes: half the focal term of each
+    soft_logits = logits.clone().requires_grad_()
+    assert soft_focal_loss(soft_logits, one_hot, 1.5, weights).item() == pytest.approx(hard.item(), rel=1e-5)
+    hard_logits = logits.clone().requires_grad_()
+    softmax_focal_loss(hard_logits, labels, 1.5, weights).backward()
+    soft_focal_loss(soft_logits, one_hot, 1.5, weights).backward()
+    assert torch.allclose(soft_logits.grad, hard_logits.grad, atol=1e-6)  # the same gradient too
+    # one ROI, an even split over two classes: (1 - mean p)^gamma times the cross-entropy
     p = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1)
-    expected = sum(0.5 * (1 - p[k]) ** 2 * -math.log(p[k]) for k in (1, 2))
+    expected = (1 - (p[1] + p[2]) / 2) ** 2 * sum(0.5 * -math.log(p[k]) for k in (1, 2))
     soft = soft_focal_loss(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[0.0, 0.5, 0.5]]), 2.0)
     assert soft.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_soft_focal_loss_is_smallest_at_the_teacher_distribution():
+    # were each class term focused, q = 0.95 / 0.05 would be learned as about 0.79 / 0.21
+    target = torch.tensor([[0.0, 0.95, 0.05]])
+    logits = target.clamp_min(1e-9).log().requires_grad_()
+    soft_focal_loss(logits, target, 1.5).backward()
+    assert logits.grad.abs().max().item() < 1e-6
 
 
 def test_soft_class_targets_take_the_matched_pseudo_box_distribution():
