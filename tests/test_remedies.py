@@ -235,7 +235,7 @@ def test_policy_without_remedies_is_the_plain_score_cut():
 REMEDIES = (  # every remedy at once; the Ray run of them is test_ray_pipeline's two-worker run
     "ssl.teacher_tta=flip",
     "ssl.unsup_background_weight=teacher",
-    "ssl.unsup_class_target=soft",
+    "ssl.unsup_class_target=soft_foreground",
     "ssl.cut_score=foreground",
     "ssl.density_prior=2.0",
     "ssl.threshold_floor=0.05",
