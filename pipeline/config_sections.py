@@ -217,7 +217,7 @@ def _default_space() -> dict[str, SearchDim]:
         "ssl.teacher_update_interval": SearchDim(type="choice", values=[1, 2, 4]),
         "ssl.teacher_tta": SearchDim(type="choice", values=["none", "flip"]),
         "ssl.unsup_background_weight": SearchDim(type="choice", values=["uniform", "teacher"]),
-        "ssl.unsup_class_target": SearchDim(type="choice", values=["hard", "soft"]),
+        "ssl.unsup_class_target": SearchDim(type="choice", values=["hard", "soft", "soft_foreground"]),
         "ssl.density_prior": SearchDim(type="choice", values=[None, 1.5, 2.0, 3.0]),
         "train.lr": SearchDim(type="loguniform", low=0.002, high=0.04),
     }
