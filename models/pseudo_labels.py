@@ -283,8 +283,8 @@ class PseudoLabelPolicy:
 
 def object_class_probs(class_probs: Tensor) -> Tensor:
     """A kept box taught as an object for certain, its class as the teacher's mixture: column 0
-    (background) zeroed, the rest renormalized. Without this, the background mass the teacher gives its
-    own pseudo-boxes is taught back every step and its top-class scores shrink under a fixed cut."""
+    (background) zeroed, the rest renormalized. The box passed the cut, so the teacher's doubt about it
+    being an object is not taught back; its doubt between classes is."""
     objects = class_probs.clone()
     objects[:, 0] = 0.0
     return objects / objects.sum(-1, keepdim=True).clamp_min(1e-12)
