@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou, nms
 
@@ -257,8 +258,11 @@ class PseudoLabelPolicy:
     background: bool = False  # carry the teacher's proposals and background probabilities to the student
     prior: DensityPrior | None = None
     # `soft`: each pseudo-box carries the teacher's class distribution of it (the student's soft target);
-    # `soft_foreground`: the same without its background mass, renormalized over the object classes
+    # `soft_foreground`: the same without its background mass, renormalized over the object classes;
+    # `soft_split`: `soft_foreground` where the other classes hold >= `split_share` of that mass, else the
+    # box's label one-hot
     class_target: str = "hard"
+    split_share: float = 0.1
     cut_score: str = "class"  # `foreground`: the cut reads the teacher's foreground probability
 
     @property
@@ -278,6 +282,8 @@ class PseudoLabelPolicy:
                 target.pop("class_probs", None)
             elif self.class_target == "soft_foreground":
                 target["class_probs"] = object_class_probs(target["class_probs"])
+            elif self.class_target == "soft_split":
+                target["class_probs"] = split_class_probs(target["class_probs"], target["labels"], self.split_share)
         return kept
 
 
@@ -288,3 +294,13 @@ def object_class_probs(class_probs: Tensor) -> Tensor:
     objects = class_probs.clone()
     objects[:, 0] = 0.0
     return objects / objects.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def split_class_probs(class_probs: Tensor, labels: Tensor, split_share: float) -> Tensor:
+    """Object-class targets that are soft only where the teacher splits a box between classes: the box's
+    label one-hot where the other classes hold less than `split_share` of its object mass, the mixture
+    elsewhere. A clear box is sharpened round after round, as hard targets do; a split one is not pushed
+    to either side."""
+    objects = object_class_probs(class_probs)
+    clear = objects.gather(1, labels[:, None]).squeeze(1) > 1.0 - split_share
+    return torch.where(clear[:, None], F.one_hot(labels, objects.shape[-1]).to(objects.dtype), objects)

@@ -111,7 +111,10 @@ class SSLConfig(Section):
     unsup_background_weight: Literal["uniform", "teacher"] = "uniform"
     # `soft`: a pseudo-box teaches the teacher's class distribution of it instead of its top class alone;
     # `soft_foreground`: that distribution over the object classes only (the box is taught as an object);
-    unsup_class_target: Literal["hard", "soft", "soft_foreground"] = "hard"
+    # `soft_split`: `soft_foreground` where the other classes hold >= `class_split_share` of the box's object
+    # mass, its label one-hot where the teacher is that clear (clear boxes sharpen as with `hard`);
+    unsup_class_target: Literal["hard", "soft", "soft_foreground", "soft_split"] = "hard"
+    class_split_share: float = Field(0.1, gt=0, lt=1)
     # `foreground`: the score cut reads the teacher's foreground probability (1 - background) of a box, not
     # its top class's score, so an object the teacher is sure of but torn between two classes is kept;
     cut_score: Literal["class", "foreground"] = "class"
@@ -217,7 +220,7 @@ def _default_space() -> dict[str, SearchDim]:
         "ssl.teacher_update_interval": SearchDim(type="choice", values=[1, 2, 4]),
         "ssl.teacher_tta": SearchDim(type="choice", values=["none", "flip"]),
         "ssl.unsup_background_weight": SearchDim(type="choice", values=["uniform", "teacher"]),
-        "ssl.unsup_class_target": SearchDim(type="choice", values=["hard", "soft", "soft_foreground"]),
+        "ssl.unsup_class_target": SearchDim(type="choice", values=["hard", "soft", "soft_foreground", "soft_split"]),
         "ssl.density_prior": SearchDim(type="choice", values=[None, 1.5, 2.0, 3.0]),
         "train.lr": SearchDim(type="loguniform", low=0.002, high=0.04),
     }

@@ -17,6 +17,8 @@ from models.pseudo_labels import (
     fuse_views,
     teacher_detections,
 )
+from pipeline.config import load_config
+from pipeline.training.pseudo import pseudo_label_policy
 
 
 def _detections(boxes, labels, scores):
@@ -218,6 +220,18 @@ def test_foreground_cut_keeps_an_object_torn_between_classes_once():
     assert soft["class_probs"][0].tolist() == pytest.approx([0.05, 0.5, 0.45])
     objects = PseudoLabelPolicy(class_target="soft_foreground", cut_score="foreground").keep([output], 0.7)[0]
     assert objects["class_probs"][0].tolist() == pytest.approx([0.0, 0.5 / 0.95, 0.45 / 0.95])
+
+
+def test_soft_split_keeps_the_mixture_only_where_the_teacher_splits_the_classes():
+    output = _detections([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 2], [0.9, 0.85])
+    # box 1: clear (class 2 holds 0.05 / 0.95 of the object mass); box 2: split (class 1 holds 0.1 / 0.95)
+    output["class_probs"] = torch.tensor([[0.05, 0.9, 0.05], [0.05, 0.1, 0.85]])
+    kept = PseudoLabelPolicy(class_target="soft_split", split_share=0.1).keep([output], 0.8)[0]
+    assert kept["class_probs"][0].tolist() == [0.0, 1.0, 0.0]
+    assert kept["class_probs"][1].tolist() == pytest.approx([0.0, 0.1 / 0.95, 0.85 / 0.95])
+    assert kept["labels"].tolist() == [1, 2]
+    cfg = load_config(None, ["ssl.unsup_class_target=soft_split", "ssl.class_split_share=0.2"])
+    assert pseudo_label_policy(cfg, 3) == PseudoLabelPolicy(class_target="soft_split", split_share=0.2)
 
 
 def test_fusion_halves_the_foreground_of_a_box_one_view_missed():

@@ -25,7 +25,12 @@ def pseudo_label_policy(cfg: Config, num_classes: int) -> PseudoLabelPolicy:
         prior = DensityPrior(per_class, ssl.density_prior, ssl.density_floor, ssl.density_min_score)
     background = ssl.unsup_background_weight == "teacher"
     return PseudoLabelPolicy(
-        ssl.teacher_tta, background, prior, class_target=ssl.unsup_class_target, cut_score=ssl.cut_score
+        ssl.teacher_tta,
+        background,
+        prior,
+        class_target=ssl.unsup_class_target,
+        split_share=ssl.class_split_share,
+        cut_score=ssl.cut_score,
     )
 
 
