@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou, nms
+
+from models.class_targets import class_targets
 
 # One threshold for every class, or a tensor indexed by model label (0 = background): per-class thresholds.
 Threshold = float | Tensor
@@ -280,27 +281,8 @@ class PseudoLabelPolicy:
         for target in kept:
             if not self.soft_classes:  # read for the cut only: the student is taught the top class
                 target.pop("class_probs", None)
-            elif self.class_target == "soft_foreground":
-                target["class_probs"] = object_class_probs(target["class_probs"])
-            elif self.class_target == "soft_split":
-                target["class_probs"] = split_class_probs(target["class_probs"], target["labels"], self.split_share)
+            else:
+                target["class_probs"] = class_targets(
+                    target["class_probs"], target["labels"], self.class_target, self.split_share
+                )
         return kept
-
-
-def object_class_probs(class_probs: Tensor) -> Tensor:
-    """A kept box taught as an object for certain, its class as the teacher's mixture: column 0
-    (background) zeroed, the rest renormalized. The box passed the cut, so the teacher's doubt about it
-    being an object is not taught back; its doubt between classes is."""
-    objects = class_probs.clone()
-    objects[:, 0] = 0.0
-    return objects / objects.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-def split_class_probs(class_probs: Tensor, labels: Tensor, split_share: float) -> Tensor:
-    """Object-class targets that are soft only where the teacher splits a box between classes: the box's
-    label one-hot where the other classes hold less than `split_share` of its object mass, the mixture
-    elsewhere. A clear box is sharpened round after round, as hard targets do; a split one is not pushed
-    to either side."""
-    objects = object_class_probs(class_probs)
-    clear = objects.gather(1, labels[:, None]).squeeze(1) > 1.0 - split_share
-    return torch.where(clear[:, None], F.one_hot(labels, objects.shape[-1]).to(objects.dtype), objects)
